@@ -1,0 +1,29 @@
+# Two commands for a newcomer: `make run` (site + workers) and `make test`.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: run test bench lint install soak
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	rm -f .venv/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(PY) -m picsite.devserver
+
+lint: install
+	.venv/bin/ruff check .
+
+test: install lint
+	$(PY) -m pytest
+
+bench: install
+	$(PY) bench/run_all.py
+
+soak: install
+	$(PY) bench/soak_crash.py

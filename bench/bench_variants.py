@@ -1,0 +1,391 @@
+"""Benchmark the variant pipeline against a naive Pillow baseline on the real photo corpus.
+
+    python bench/bench_variants.py [--out bench/results.json] [--photos N]
+    python bench/bench_variants.py --sweep [--photos N]        # encoder settings table
+    python bench/bench_variants.py --cascade-check [--photos N]
+
+Each photo runs in its own fresh subprocess (one for our pipeline, one for the baseline), so
+wall time excludes interpreter start-up and imports, and peak RSS (ru_maxrss of that child)
+is per photo. Quality is the mean SSIM (luminance, 8x8 uniform window) of every decoded tier
+against an exact LANCZOS downscale of the full-resolution, upright, sRGB original, averaged
+over tiers and formats. The corpus is read in place: ../shared/corpus beside the repo, or
+$PICSITE_CORPUS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from PIL import Image, ImageCms, ImageOps  # noqa: E402
+
+from gallery.imaging import (  # noqa: E402
+    FORMATS,
+    VariantRecipe,
+    decode_for_variants,
+    encode_variant,
+    inspect_image,
+    render_tiers,
+)
+
+MAX_PIXELS = 100_000_000
+NAIVE_AVIF_SPEED = 6
+NAIVE_WEBP_METHOD = 4
+
+
+def corpus_dir() -> Path:
+    default = REPO.parent / "shared" / "corpus"
+    return default if default.is_dir() else Path(os.environ.get("PICSITE_CORPUS", default))
+
+
+def photo_paths(limit: int | None = None) -> list[Path]:
+    paths = sorted(p for p in (corpus_dir() / "photos").iterdir() if p.is_file())
+    return paths[:limit] if limit else paths
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ---------------------------------------------------------------------------------------------
+# The two contenders (each run inside a worker subprocess)
+# ---------------------------------------------------------------------------------------------
+
+
+def run_pipeline(data: bytes, recipe: VariantRecipe) -> list[tuple[int, str, bytes]]:
+    meta = inspect_image(data, max_pixels=MAX_PIXELS)
+    widths = recipe.tier_widths(meta.width)
+    img = decode_for_variants(data, max_pixels=MAX_PIXELS, target_width=max(widths))
+    return [
+        (w, fmt, encode_variant(tier, fmt, recipe))
+        for w, tier in render_tiers(img, widths)
+        for fmt in FORMATS
+    ]
+
+
+def run_naive(data: bytes, recipe: VariantRecipe) -> list[tuple[int, str, bytes]]:
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:
+        pass
+    im = im.convert("RGB")
+    out = []
+    for w in recipe.tier_widths(im.width):
+        tier = im.resize((w, max(1, round(w * im.height / im.width))), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        tier.save(buf, "AVIF", quality=recipe.avif_quality, speed=NAIVE_AVIF_SPEED)
+        out.append((w, "avif", buf.getvalue()))
+        buf = io.BytesIO()
+        tier.save(buf, "WEBP", quality=recipe.webp_quality, method=NAIVE_WEBP_METHOD)
+        out.append((w, "webp", buf.getvalue()))
+    return out
+
+
+def worker(kind: str, path: str, outdir: str) -> None:
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    recipe = VariantRecipe()
+    data = Path(path).read_bytes()
+    start = time.perf_counter()
+    results = (run_pipeline if kind == "pipeline" else run_naive)(data, recipe)
+    seconds = time.perf_counter() - start
+    rss = peak_rss_mb()
+    files = []
+    for w, fmt, blob in results:
+        target = Path(outdir) / f"{kind}_{w}.{fmt}"
+        target.write_bytes(blob)
+        files.append({"width": w, "format": fmt, "path": str(target), "bytes": len(blob)})
+    print(json.dumps({"seconds": seconds, "peak_rss_mb": rss, "files": files}))
+
+
+def spawn_worker(kind: str, path: Path, outdir: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", kind, str(path), outdir],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} worker failed on {path.name}:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality: reference downscales and SSIM
+# ---------------------------------------------------------------------------------------------
+
+
+def _flatten(im: Image.Image) -> Image.Image:
+    if im.mode in ("RGBA", "LA", "PA") or im.has_transparency_data:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, im).convert("RGB")
+    return im.convert("RGB")
+
+
+def reference_original(path: Path) -> Image.Image:
+    """Full-resolution, upright, sRGB, white-flattened original (no shortcuts)."""
+    im = Image.open(path)
+    im.load()
+    icc = im.info.get("icc_profile")
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:
+        pass
+    if icc and im.mode in ("RGB", "RGBA", "CMYK", "L"):
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            srgb = ImageCms.createProfile("sRGB")
+            alpha = im.getchannel("A") if im.mode == "RGBA" else None
+            base = im.convert("RGB") if im.mode == "RGBA" else im
+            conv = ImageCms.profileToProfile(base, src, srgb, outputMode="RGB")
+            if conv is not None:
+                if alpha is not None:
+                    conv.putalpha(alpha)
+                im = conv
+        except ImageCms.PyCMSError:
+            pass
+    return _flatten(im)
+
+
+def luma(im: Image.Image):
+    import numpy as np
+
+    a = np.asarray(_flatten(im), dtype=np.float32)
+    return a[..., 0] * 0.299 + a[..., 1] * 0.587 + a[..., 2] * 0.114
+
+
+def _box_mean(a, k: int):
+    import numpy as np
+
+    s = np.pad(a, ((1, 0), (1, 0))).cumsum(0, dtype=np.float64).cumsum(1)
+    return (s[k:, k:] - s[:-k, k:] - s[k:, :-k] + s[:-k, :-k]) / (k * k)
+
+
+def ssim(x, y, window: int = 8) -> float:
+    """Mean SSIM of two luminance arrays (uniform window, Wang et al. constants)."""
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch {x.shape} vs {y.shape}")
+    k = max(1, min(window, *x.shape))
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    mx, my = _box_mean(x, k), _box_mean(y, k)
+    sxx = _box_mean(x * x, k) - mx * mx
+    syy = _box_mean(y * y, k) - my * my
+    sxy = _box_mean(x * y, k) - mx * my
+    num = (2 * mx * my + c1) * (2 * sxy + c2)
+    den = (mx * mx + my * my + c1) * (sxx + syy + c2)
+    return float((num / den).mean())
+
+
+class References:
+    """Reference luminance per tier size for one photo (computed once, reused)."""
+
+    def __init__(self, path: Path):
+        self.original = reference_original(path)
+        self._cache: dict[tuple[int, int], object] = {}
+
+    def at(self, size: tuple[int, int]):
+        if size not in self._cache:
+            im = self.original
+            if im.size != size:
+                im = im.resize(size, Image.Resampling.LANCZOS)
+            self._cache[size] = luma(im)
+        return self._cache[size]
+
+
+def score_blob(refs: References, blob: bytes) -> float:
+    im = Image.open(io.BytesIO(blob))
+    im.load()
+    return ssim(refs.at(im.size), luma(im))
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes
+# ---------------------------------------------------------------------------------------------
+
+
+def bench(out: Path, limit: int | None) -> dict:
+    recipe = VariantRecipe()
+    per_photo = []
+    totals = {k: 0.0 for k in ("pipeline_seconds", "naive_seconds")}
+    totals.update({"pipeline_bytes": 0, "naive_bytes": 0})
+    quality = {"pipeline": [], "naive": []}
+    rss = {"pipeline": 0.0, "naive": 0.0}
+    for path in photo_paths(limit):
+        with tempfile.TemporaryDirectory(prefix="bench_variants_") as tmp:
+            runs = {kind: spawn_worker(kind, path, tmp) for kind in ("pipeline", "naive")}
+            refs = References(path)
+            row: dict = {"photo": path.name, "size": list(refs.original.size)}
+            for kind, run in runs.items():
+                scores = [score_blob(refs, Path(f["path"]).read_bytes()) for f in run["files"]]
+                q = sum(scores) / len(scores)
+                nbytes = sum(f["bytes"] for f in run["files"])
+                row[kind] = {
+                    "seconds": round(run["seconds"], 3),
+                    "peak_rss_mb": round(run["peak_rss_mb"], 1),
+                    "bytes": nbytes,
+                    "ssim": round(q, 5),
+                    "tiers": sorted({f["width"] for f in run["files"]}),
+                }
+                totals[f"{kind}_seconds"] += run["seconds"]
+                totals[f"{kind}_bytes"] += nbytes
+                quality[kind].append(q)
+                rss[kind] = max(rss[kind], run["peak_rss_mb"])
+        print(
+            f"{path.name:42s} pipeline {row['pipeline']['seconds']:6.2f}s "
+            f"{row['pipeline']['peak_rss_mb']:6.1f}MB ssim {row['pipeline']['ssim']:.4f} | "
+            f"naive {row['naive']['seconds']:6.2f}s {row['naive']['peak_rss_mb']:6.1f}MB "
+            f"ssim {row['naive']['ssim']:.4f}",
+            file=sys.stderr,
+        )
+        per_photo.append(row)
+    q_pipe = sum(quality["pipeline"]) / len(quality["pipeline"])
+    q_naive = sum(quality["naive"]) / len(quality["naive"])
+    variants = {
+        "recipe": {
+            "widths": list(recipe.widths),
+            "avif_quality": recipe.avif_quality,
+            "avif_speed": recipe.avif_speed,
+            "webp_quality": recipe.webp_quality,
+            "webp_method": recipe.webp_method,
+            "encoder_threads": recipe.encoder_threads,
+            "version": recipe.version,
+        },
+        "naive": {"avif_speed": NAIVE_AVIF_SPEED, "webp_method": NAIVE_WEBP_METHOD},
+        "machine": {"cpus": os.cpu_count()},
+        "photos": len(per_photo),
+        "pipeline_over_naive": round(totals["pipeline_seconds"] / totals["naive_seconds"], 4),
+        "quality_delta": round(q_naive - q_pipe, 5),
+        "pipeline_ssim": round(q_pipe, 5),
+        "naive_ssim": round(q_naive, 5),
+        "bytes_over_naive": round(totals["pipeline_bytes"] / totals["naive_bytes"], 4),
+        "peak_rss_mb": round(rss["pipeline"], 1),
+        "naive_peak_rss_mb": round(rss["naive"], 1),
+        "totals": {k: round(v, 3) if isinstance(v, float) else v for k, v in totals.items()},
+        "per_photo": per_photo,
+    }
+    results = {}
+    if out.exists():
+        try:
+            results = json.loads(out.read_text())
+        except json.JSONDecodeError:
+            results = {}
+    results["variants"] = variants
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(variants, indent=2))
+    return variants
+
+
+def _prepared(limit: int | None):
+    """(References, [(width, tier image)]) per photo, from our decode + render."""
+    recipe = VariantRecipe()
+    for path in photo_paths(limit):
+        data = path.read_bytes()
+        meta = inspect_image(data, max_pixels=MAX_PIXELS)
+        widths = recipe.tier_widths(meta.width)
+        img = decode_for_variants(data, max_pixels=MAX_PIXELS, target_width=max(widths))
+        yield path, References(path), img, list(render_tiers(img, widths))
+
+
+def sweep(limit: int | None, qualities: bool) -> None:
+    base = VariantRecipe()
+    settings: list[tuple[str, VariantRecipe]] = []
+    settings += [(f"avif speed {s}", VariantRecipe(avif_speed=s)) for s in (6, 7, 8, 9, 10)]
+    settings += [(f"webp method {m}", VariantRecipe(webp_method=m)) for m in (2, 3, 4, 5, 6)]
+    if qualities:
+        settings += [
+            (f"avif q{q} speed {base.avif_speed}", VariantRecipe(avif_quality=q))
+            for q in (50, 55, 60, 65)
+        ]
+        settings += [
+            (f"webp q{q} method {base.webp_method}", VariantRecipe(webp_quality=q))
+            for q in (70, 75, 80)
+        ]
+    stats = {name: {"seconds": 0.0, "bytes": 0, "ssim": []} for name, _ in settings}
+    for path, refs, _img, tiers in _prepared(limit):
+        print(f"sweep: {path.name}", file=sys.stderr)
+        for name, recipe in settings:
+            fmt = "avif" if name.startswith("avif") else "webp"
+            for _w, tier in tiers:
+                start = time.perf_counter()
+                blob = encode_variant(tier, fmt, recipe)
+                stats[name]["seconds"] += time.perf_counter() - start
+                stats[name]["bytes"] += len(blob)
+                stats[name]["ssim"].append(score_blob(refs, blob))
+    print("| setting | encode s | bytes | bytes vs first | mean SSIM |")
+    print("|---|---:|---:|---:|---:|")
+    firsts: dict[str, int] = {}
+    for name, _ in settings:
+        st = stats[name]
+        fmt = name.split()[0]
+        firsts.setdefault(fmt, st["bytes"])
+        print(
+            f"| {name} | {st['seconds']:.2f} | {st['bytes']:,} | "
+            f"{st['bytes'] / firsts[fmt]:.3f} | {sum(st['ssim']) / len(st['ssim']):.5f} |"
+        )
+
+
+def cascade_check(limit: int | None) -> None:
+    """Cascaded tiers (each from the next larger) vs each tier from the shared intermediate."""
+    import gallery.imaging as imaging
+
+    diffs = []
+    print("| photo | cascade SSIM | direct SSIM | direct - cascade | cascade s | direct s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for path, refs, img, _tiers in _prepared(limit):
+        widths = VariantRecipe().tier_widths(refs.original.width)
+        out = {}
+        for cascade in (True, False):
+            imaging._CASCADE = cascade
+            start = time.perf_counter()
+            tiers = list(render_tiers(img, widths))
+            took = time.perf_counter() - start
+            scores = [ssim(refs.at(t.size), luma(t)) for _w, t in tiers]
+            out[cascade] = (sum(scores) / len(scores), took)
+        imaging._CASCADE = True
+        diff = out[False][0] - out[True][0]
+        diffs.append(diff)
+        print(
+            f"| {path.name} | {out[True][0]:.5f} | {out[False][0]:.5f} | {diff:+.5f} | "
+            f"{out[True][1]:.3f} | {out[False][1]:.3f} |"
+        )
+    print(f"\nmean SSIM cost of cascading: {sum(diffs) / len(diffs):+.5f}, worst {max(diffs):+.5f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument("--photos", type=int, default=None, help="only the first N photos")
+    parser.add_argument("--sweep", action="store_true", help="encoder settings table")
+    parser.add_argument("--qualities", action="store_true", help="with --sweep: quality rows")
+    parser.add_argument("--cascade-check", action="store_true")
+    parser.add_argument("--worker", nargs=3, metavar=("KIND", "PATH", "OUTDIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(*args.worker)
+    elif args.sweep:
+        sweep(args.photos, args.qualities)
+    elif args.cascade_check:
+        cascade_check(args.photos)
+    else:
+        bench(args.out, args.photos)
+
+
+if __name__ == "__main__":
+    main()

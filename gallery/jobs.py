@@ -1,0 +1,77 @@
+"""django-q2 job for a new upload: generate one image's variants.
+
+Failures retry with exponential backoff (a one-off django-q2 schedule) up to
+PICSITE_UPLOAD_MAX_ATTEMPTS and leave the reason in ``Image.variants_error``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from datetime import timedelta
+
+from django.conf import settings
+from django.utils import timezone
+
+from gallery.models import Image
+from gallery.services import (
+    ImageBusy,
+    VariantGenerationError,
+    image_record_variant_failure,
+    preprocess_image,
+)
+from gallery.storage import VariantStorageNotConfigured
+
+logger = logging.getLogger(__name__)
+
+
+def upload_retry_delay(attempt: int) -> float:
+    """Seconds before attempt ``attempt + 1``: base * 2^(attempt-1), with +-20% jitter."""
+    base = settings.PICSITE_UPLOAD_RETRY_BASE_S * (2 ** (attempt - 1))
+    return base * random.uniform(0.8, 1.2)
+
+
+def generate_variants_job(image_id: int, attempt: int = 1) -> str:
+    image = Image.objects.alive().filter(pk=image_id).first()
+    if image is None:
+        return "gone"
+    try:
+        outcome = preprocess_image(image)
+    except ImageBusy:
+        # A backfill holds the claim; it will finish the image. Check back once.
+        _schedule_retry(image_id, attempt, reason="busy: another worker is generating this image", count=False)
+        return "busy"
+    except VariantStorageNotConfigured as exc:
+        image_record_variant_failure(image_id=image_id, message=str(exc), attempts=attempt)
+        return "storage_not_configured"
+    except VariantGenerationError as exc:
+        message = f"{exc.stage}/{exc.code}: {exc.message}"
+        image_record_variant_failure(image_id=image_id, message=message, attempts=attempt)
+        if exc.stage == "decode":  # the bytes will not get better
+            return "failed"
+        _schedule_retry(image_id, attempt, reason=message)
+        return "retrying"
+    except Exception as exc:  # unknown failure: record it, retry
+        logger.exception("variant job for image %s failed", image_id)
+        image_record_variant_failure(image_id=image_id, message=f"error: {exc}", attempts=attempt)
+        _schedule_retry(image_id, attempt, reason=str(exc))
+        return "retrying"
+    Image.objects.filter(pk=image_id).update(variants_attempts=attempt)
+    return "ready" if outcome.variants_ready else "partial"
+
+
+def _schedule_retry(image_id: int, attempt: int, *, reason: str, count: bool = True) -> None:
+    from django_q.models import Schedule
+
+    next_attempt = attempt + 1 if count else attempt
+    if next_attempt > settings.PICSITE_UPLOAD_MAX_ATTEMPTS:
+        logger.warning("image %s gave up after %s attempts: %s", image_id, attempt, reason)
+        return
+    Schedule.objects.create(
+        name=f"variants-retry-{image_id}-{next_attempt}-{timezone.now().timestamp():.0f}",
+        func="gallery.jobs.generate_variants_job",
+        args=f"{image_id},{next_attempt}",
+        schedule_type=Schedule.ONCE,
+        repeats=1,
+        next_run=timezone.now() + timedelta(seconds=upload_retry_delay(attempt)),
+    )

@@ -1,0 +1,90 @@
+"""Gallery data: one row per original photo.
+
+Ids are bigint auto-increment (never UUIDs): the task engine pages by ``id > cursor``
+and a row inserted during a run always lands after the cursor instead of behind it.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class ImageQuerySet(models.QuerySet):
+    def alive(self) -> ImageQuerySet:
+        return self.filter(deleted_at__isnull=True)
+
+    def needing_variants(self, *, recipe_version: str) -> ImageQuerySet:
+        """Not deleted, and either not fully ready or made with another recipe."""
+        # "<" or ">" instead of "!=" so Postgres can answer from the btree index.
+        return self.alive().filter(
+            Q(variants_ready=False)
+            | Q(variants_recipe__lt=recipe_version)
+            | Q(variants_recipe__gt=recipe_version)
+        )
+
+
+class Image(models.Model):
+    original = models.FileField(upload_to="originals/%Y/%m/", max_length=255)
+    title = models.CharField(max_length=255, blank=True)
+    # Content address: "variants/" + first 32 hex chars of sha256(original bytes).
+    image_key = models.CharField(max_length=64, unique=True)
+    original_bytes = models.BigIntegerField(default=0)
+    mime_type = models.CharField(max_length=40, blank=True)
+
+    # Dimensions after EXIF orientation.
+    width = models.PositiveIntegerField(default=0)
+    height = models.PositiveIntegerField(default=0)
+    blurhash = models.CharField(max_length=64, blank=True)
+
+    # EXIF metadata (refreshed by the metadata-refresh task).
+    taken_at = models.DateTimeField(null=True, blank=True)
+    camera_make = models.CharField(max_length=120, blank=True)
+    camera_model = models.CharField(max_length=120, blank=True)
+    lens = models.CharField(max_length=160, blank=True)
+    gps_latitude = models.FloatField(null=True, blank=True)
+    gps_longitude = models.FloatField(null=True, blank=True)
+
+    # Variant state. ready_max_width always names a tier whose AVIF *and* WebP exist.
+    variants_ready = models.BooleanField(default=False)
+    ready_max_width = models.PositiveIntegerField(default=0)
+    variants_recipe = models.CharField(max_length=32, blank=True)
+    variants_error = models.TextField(blank=True)
+    variants_attempts = models.PositiveSmallIntegerField(default=0)
+    variants_bytes = models.BigIntegerField(default=0)
+
+    # Short claim so an upload's task and a backfill never encode one image at once.
+    processing_token = models.CharField(max_length=40, blank=True)
+    processing_until = models.DateTimeField(null=True, blank=True)
+
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    deleted_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = ImageQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [
+            # The backfill scope ("missing or stale"), walked by id keyset.
+            models.Index(
+                fields=["id"],
+                name="image_pending_variants_idx",
+                condition=Q(deleted_at__isnull=True, variants_ready=False),
+            ),
+            models.Index(fields=["variants_recipe", "id"], name="image_recipe_id_idx",
+                         condition=Q(deleted_at__isnull=True)),
+            # Public grid: newest first among live images.
+            models.Index(fields=["-id"], name="image_alive_id_desc_idx", condition=Q(deleted_at__isnull=True)),
+        ]
+
+    def __str__(self) -> str:
+        return self.title or self.image_key
+
+    @property
+    def aspect_ratio(self) -> float:
+        return self.width / self.height if self.height else 1.0

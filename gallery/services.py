@@ -1,0 +1,406 @@
+"""Gallery business logic: ingest, variant generation, metadata refresh, delete.
+
+Keyword-only ``image_<action>`` functions; views, admin, commands and queue jobs
+call these and nothing else. This module knows nothing of the ``tasks`` app.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import IntegrityError, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from gallery import imaging
+from gallery.imaging import CancelledError, ImageRejected, VariantRecipe
+from gallery.models import Image
+from gallery.storage import VariantStorageError, VariantStore, variant_key, variant_store_resolve
+
+logger = logging.getLogger(__name__)
+
+CancelCheck = Callable[[], None]
+
+
+def _no_cancel() -> None:
+    return None
+
+
+class ImageBusy(Exception):
+    """Another worker holds this image's processing claim."""
+
+
+class OriginalFetchError(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class VariantGenerationError(Exception):
+    """A stage of variant generation failed; ``stage`` and ``code`` say which."""
+
+    def __init__(self, *, stage: str, code: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+        self.code = code
+        self.message = message
+
+
+# --- recipe -----------------------------------------------------------------------------
+
+
+def variant_recipe_current() -> VariantRecipe:
+    return VariantRecipe(
+        widths=tuple(settings.PICSITE_VARIANT_WIDTHS),
+        avif_quality=settings.PICSITE_AVIF_QUALITY,
+        avif_speed=settings.PICSITE_AVIF_SPEED,
+        webp_quality=settings.PICSITE_WEBP_QUALITY,
+        webp_method=settings.PICSITE_WEBP_METHOD,
+        encoder_threads=settings.PICSITE_ENCODER_THREADS or imaging.default_encoder_threads(),
+    )
+
+
+def image_key_for(data: bytes) -> str:
+    return "variants/" + hashlib.sha256(data).hexdigest()[:32]
+
+
+# --- ingest -----------------------------------------------------------------------------
+
+
+@dataclass
+class IngestResult:
+    image: Image
+    created: bool
+
+
+def image_ingest(*, data: bytes, filename: str, title: str = "", uploaded_by=None) -> IngestResult:
+    """Validate by content, store the original, create the row (or return the existing one).
+
+    Raises ImageRejected (nothing is stored). Does not enqueue work: callers decide
+    (see ``image_variants_enqueue``), so a multi-file upload can enqueue in one go.
+    """
+    if len(data) > settings.PICSITE_MAX_UPLOAD_BYTES:
+        raise ImageRejected(
+            "too_large",
+            f"{len(data)} bytes is over the {settings.PICSITE_MAX_UPLOAD_BYTES}-byte upload limit.",
+        )
+    meta = imaging.inspect_image(data, max_pixels=settings.PICSITE_MAX_PIXELS)
+    key = image_key_for(data)
+    existing = Image.objects.filter(image_key=key).first()
+    if existing is not None:
+        if existing.deleted_at is not None:  # re-upload restores a soft-deleted photo
+            existing.deleted_at = None
+            existing.save(update_fields=["deleted_at", "updated_at"])
+        return IngestResult(existing, created=False)
+
+    blurhash = ""
+    try:
+        thumb = imaging.decode_for_variants(data, max_pixels=settings.PICSITE_MAX_PIXELS, target_width=64)
+        blurhash = imaging.compute_blurhash(thumb)
+    except ImageRejected:
+        raise
+    except Exception:  # a placeholder is a nicety; the variant job computes it again
+        logger.warning("blurhash failed for %s", filename, exc_info=True)
+
+    safe_name = key.split("/")[-1] + "." + _extension_for(meta.mime_type)
+    stored_name = default_storage.save(f"originals/{safe_name}", ContentFile(data))
+    image = Image(
+        original=stored_name,
+        title=title or _title_from_filename(filename),
+        image_key=key,
+        original_bytes=len(data),
+        mime_type=meta.mime_type,
+        blurhash=blurhash,
+        uploaded_by=uploaded_by,
+        **_metadata_fields(meta),
+    )
+    try:
+        with transaction.atomic():
+            image.save()
+    except IntegrityError:
+        # Same bytes uploaded concurrently: the other request won; return its row.
+        default_storage.delete(stored_name)
+        return IngestResult(Image.objects.get(image_key=key), created=False)
+    return IngestResult(image, created=True)
+
+
+def _metadata_fields(meta: imaging.PhotoMetadata) -> dict:
+    return {
+        "width": meta.width,
+        "height": meta.height,
+        "taken_at": meta.taken_at,
+        "camera_make": meta.camera_make[:120],
+        "camera_model": meta.camera_model[:120],
+        "lens": meta.lens[:160],
+        "gps_latitude": meta.gps_latitude,
+        "gps_longitude": meta.gps_longitude,
+    }
+
+
+def _extension_for(mime_type: str) -> str:
+    return {
+        "image/jpeg": "jpg",
+        "image/png": "png",
+        "image/webp": "webp",
+        "image/avif": "avif",
+        "image/heic": "heic",
+        "image/heif": "heif",
+        "image/gif": "gif",
+        "image/tiff": "tif",
+    }.get(mime_type, "bin")
+
+
+def _title_from_filename(filename: str) -> str:
+    stem = filename.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    return stem.replace("_", " ").replace("-", " ").strip()[:255]
+
+
+def image_variants_enqueue(*, image_ids: list[int]) -> None:
+    """After commit, enqueue one variant job per image, all in one INSERT."""
+    from picsite.queue import enqueue_many
+
+    ids = list(image_ids)
+    if not ids:
+        return
+    transaction.on_commit(
+        lambda: enqueue_many("gallery.jobs.generate_variants_job", [(i, 1) for i in ids])
+    )
+
+
+# --- original fetch ---------------------------------------------------------------------
+
+
+def image_fetch_original(*, image: Image, timeout_s: float | None = None, cancel: CancelCheck = _no_cancel) -> bytes:
+    """Read the original from default storage in chunks, honouring a deadline and cancel."""
+    timeout_s = settings.PICSITE_FETCH_TIMEOUT_S if timeout_s is None else timeout_s
+    deadline = time.monotonic() + timeout_s
+    chunks: list[bytes] = []
+    try:
+        with default_storage.open(image.original.name, "rb") as fh:
+            while True:
+                cancel()
+                if time.monotonic() > deadline:
+                    raise OriginalFetchError("timeout", f"fetching the original took over {timeout_s:.0f}s")
+                chunk = fh.read(1 << 20)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+    except FileNotFoundError as exc:
+        raise OriginalFetchError("missing_original", f"original file {image.original.name!r} is missing") from exc
+    except OSError as exc:
+        raise OriginalFetchError("fetch_error", f"reading the original failed: {exc}") from exc
+    return b"".join(chunks)
+
+
+# --- processing claim -------------------------------------------------------------------
+
+
+def _claim(image_id: int, *, seconds: float) -> str | None:
+    token = uuid.uuid4().hex
+    now = timezone.now()
+    claimed = (
+        Image.objects.filter(pk=image_id)
+        .filter(Q(processing_until__isnull=True) | Q(processing_until__lt=now))
+        .update(processing_token=token, processing_until=now + timedelta(seconds=seconds))
+    )
+    return token if claimed else None
+
+
+def _release(image_id: int, token: str) -> None:
+    Image.objects.filter(pk=image_id, processing_token=token).update(processing_token="", processing_until=None)
+
+
+# --- variants ---------------------------------------------------------------------------
+
+
+@dataclass
+class VariantOutcome:
+    image_id: int
+    ready_max_width: int
+    variants_ready: bool
+    tiers_written: list[int] = field(default_factory=list)
+    bytes_written: int = 0
+    objects_written: int = 0
+    skipped: bool = False  # already ready with the current recipe
+
+
+def preprocess_image(
+    image: Image,
+    storage: VariantStore | None = None,
+    cancel: CancelCheck = _no_cancel,
+    *,
+    recipe: VariantRecipe | None = None,
+    claim_seconds: float | None = None,
+    force: bool = False,
+) -> VariantOutcome:
+    """Generate and store every tier (AVIF + WebP) of one image, smallest first.
+
+    ``ready_max_width`` is written after *both* objects of a tier are stored, so it
+    always names a complete tier. Tiers already stored with the current recipe are
+    not redone, so a retry resumes where a failure stopped. Raises ImageBusy,
+    CancelledError, VariantGenerationError (``stage``/``code``), or
+    VariantStorageNotConfigured.
+    """
+    recipe = recipe or variant_recipe_current()
+    storage = storage or variant_store_resolve()
+    claim_seconds = claim_seconds or settings.PICSITE_ITEM_TIME_LIMIT_S + 30
+    token = _claim(image.pk, seconds=claim_seconds)
+    if token is None:
+        raise ImageBusy(f"image {image.pk} is being processed by another worker")
+    try:
+        return _generate(image, storage=storage, cancel=cancel, recipe=recipe, force=force)
+    finally:
+        _release(image.pk, token)
+
+
+def _generate(image: Image, *, storage: VariantStore, cancel: CancelCheck, recipe: VariantRecipe, force: bool) -> VariantOutcome:
+    image.refresh_from_db()
+    version = recipe.version
+    if image.variants_ready and image.variants_recipe == version and not force:
+        return VariantOutcome(image.pk, image.ready_max_width, True, skipped=True)
+    # Tiers made with this recipe survive a failure; another recipe starts over.
+    resume_from = image.ready_max_width if (image.variants_recipe == version and not force) else 0
+    if image.variants_recipe != version or force:
+        Image.objects.filter(pk=image.pk).update(variants_recipe=version, variants_ready=False, ready_max_width=0)
+        image.variants_recipe, image.variants_ready, image.ready_max_width = version, False, 0
+
+    try:
+        data = image_fetch_original(image=image, cancel=cancel)
+    except OriginalFetchError as exc:
+        raise VariantGenerationError(stage="fetch", code=exc.code, message=exc.message) from exc
+    cancel()
+    try:
+        meta = imaging.inspect_image(data, max_pixels=settings.PICSITE_MAX_PIXELS)
+        widths = recipe.tier_widths(meta.width)
+        source = imaging.decode_for_variants(
+            data, max_pixels=settings.PICSITE_MAX_PIXELS, target_width=widths[-1], cancel=cancel
+        )
+    except ImageRejected as exc:
+        raise VariantGenerationError(stage="decode", code=exc.code, message=exc.message) from exc
+    del data
+
+    outcome = VariantOutcome(image.pk, resume_from, False)
+    blurhash = image.blurhash
+    for width, tier in imaging.render_tiers(source, widths):
+        cancel()
+        if not blurhash:
+            blurhash = imaging.compute_blurhash(tier)
+            Image.objects.filter(pk=image.pk).update(blurhash=blurhash, width=meta.width, height=meta.height)
+        if width <= resume_from:
+            continue
+        tier_bytes = 0
+        for fmt in imaging.FORMATS:
+            cancel()
+            try:
+                payload = imaging.encode_variant(tier, fmt, recipe)
+            except Exception as exc:
+                raise VariantGenerationError(stage="encode", code="variant_generation_failed", message=f"{fmt} {width}px: {exc}") from exc
+            cancel()
+            key = variant_key(folder=storage.folder, image_key=image.image_key, width=width, fmt=fmt)
+            try:
+                storage.put(key, payload, imaging.CONTENT_TYPES[fmt])
+            except VariantStorageError as exc:
+                raise VariantGenerationError(stage="upload", code="variant_upload_failed", message=str(exc)) from exc
+            tier_bytes += len(payload)
+            outcome.objects_written += 1
+        # Both formats of this tier are stored: only now advertise it.
+        Image.objects.filter(pk=image.pk).update(
+            ready_max_width=width, width=meta.width, height=meta.height, variants_bytes=_f_add("variants_bytes", tier_bytes)
+        )
+        outcome.ready_max_width = width
+        outcome.tiers_written.append(width)
+        outcome.bytes_written += tier_bytes
+
+    Image.objects.filter(pk=image.pk).update(
+        variants_ready=True, variants_error="", ready_max_width=widths[-1], width=meta.width, height=meta.height
+    )
+    outcome.ready_max_width = widths[-1]
+    outcome.variants_ready = True
+    return outcome
+
+
+def _f_add(name: str, amount: int):
+    from django.db.models import F
+
+    return F(name) + amount
+
+
+def image_record_variant_failure(*, image_id: int, message: str, attempts: int | None = None) -> None:
+    """Leave a visible reason on the image (admin list, gallery detail for staff)."""
+    fields: dict = {"variants_error": message[:2000]}
+    if attempts is not None:
+        fields["variants_attempts"] = attempts
+    Image.objects.filter(pk=image_id).update(**fields)
+
+
+# --- metadata refresh --------------------------------------------------------------------
+
+
+METADATA_FIELDS = ("width", "height", "taken_at", "camera_make", "camera_model", "lens", "gps_latitude", "gps_longitude")
+
+
+def image_refresh_metadata(*, image: Image, cancel: CancelCheck = _no_cancel) -> bool:
+    """Re-read EXIF from the original. Returns True if anything changed.
+
+    Raises OriginalFetchError or ImageRejected (as the stage that failed).
+    """
+    data = image_fetch_original(image=image, cancel=cancel, timeout_s=min(settings.PICSITE_FETCH_TIMEOUT_S, 20))
+    cancel()
+    meta = imaging.inspect_image(data, max_pixels=settings.PICSITE_MAX_PIXELS)
+    fresh = _metadata_fields(meta)
+    changed = {name: value for name, value in fresh.items() if getattr(image, name) != value}
+    if not changed:
+        return False
+    Image.objects.filter(pk=image.pk).update(**changed)
+    for name, value in changed.items():
+        setattr(image, name, value)
+    return True
+
+
+# --- delete -----------------------------------------------------------------------------
+
+
+def image_soft_delete(*, image: Image) -> None:
+    """Hide the photo and remove its variants (they can be regenerated on restore)."""
+    Image.objects.filter(pk=image.pk).update(
+        deleted_at=timezone.now(), variants_ready=False, ready_max_width=0, variants_recipe=""
+    )
+    try:
+        storage = variant_store_resolve()
+    except Exception:
+        return
+    recipe = variant_recipe_current()
+    for width in recipe.tier_widths(max(image.width, 1)):
+        for fmt in imaging.FORMATS:
+            try:
+                storage.delete(variant_key(folder=storage.folder, image_key=image.image_key, width=width, fmt=fmt))
+            except Exception:  # best effort; a stale object is harmless
+                logger.warning("could not delete variant of image %s", image.pk, exc_info=True)
+
+
+__all__ = [
+    "CancelledError",
+    "ImageBusy",
+    "ImageRejected",
+    "IngestResult",
+    "OriginalFetchError",
+    "VariantGenerationError",
+    "VariantOutcome",
+    "image_fetch_original",
+    "image_ingest",
+    "image_refresh_metadata",
+    "image_soft_delete",
+    "image_variants_enqueue",
+    "preprocess_image",
+    "variant_recipe_current",
+]

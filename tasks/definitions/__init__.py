@@ -1,0 +1,3 @@
+"""Registered task definitions; importing this package registers them all."""
+
+from tasks.definitions import metadata_refresh, preprocess_images  # noqa: F401

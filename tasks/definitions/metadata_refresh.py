@@ -1,0 +1,76 @@
+"""metadata-refresh: re-read EXIF (oriented dims, taken_at, camera, lens, GPS).
+
+Scope: {} = every live image; {"missing_only": true} = images with no taken_at
+and no camera; {"image_ids": [...]} = an explicit batch (up to 500).
+"""
+
+from __future__ import annotations
+
+from gallery.imaging import ImageRejected
+
+from gallery.models import Image
+from gallery.services import OriginalFetchError, image_refresh_metadata
+from tasks.registry import (
+    CostModel,
+    ItemFailure,
+    ItemResult,
+    ScopeError,
+    ScopeField,
+    TaskDefinition,
+    register,
+    reject_unknown_keys,
+    scope_bool,
+    scope_ids,
+)
+
+MAX_EXPLICIT_IDS = 500
+
+
+def normalize_scope(raw: dict) -> dict:
+    reject_unknown_keys(raw, {"missing_only", "image_ids"})
+    ids = scope_ids(raw, "image_ids", limit=MAX_EXPLICIT_IDS)
+    missing_only = scope_bool(raw, "missing_only")
+    if ids and missing_only:
+        raise ScopeError("image_ids", "choose one of missing_only, image_ids")
+    if ids:
+        return {"mode": "ids", "image_ids": ids}
+    return {"mode": "missing" if missing_only else "all"}
+
+
+def scope_queryset(scope: dict):
+    alive = Image.objects.alive()
+    if scope.get("mode") == "ids":
+        return alive.filter(pk__in=scope["image_ids"])
+    if scope.get("mode") == "missing":
+        return alive.filter(taken_at__isnull=True, camera_make="", camera_model="")
+    return alive
+
+
+def process(image: Image, cancel) -> ItemResult:
+    try:
+        changed = image_refresh_metadata(image=image, cancel=cancel)
+    except OriginalFetchError as exc:
+        raise ItemFailure(code=exc.code, stage="fetch", message=exc.message) from exc
+    except ImageRejected as exc:
+        raise ItemFailure(code="exif_read_failed", stage="parse-exif", message=f"{exc.code}: {exc.message}", retryable=False) from exc
+    return ItemResult("succeeded" if changed else "skipped")
+
+
+DEFINITION = register(
+    TaskDefinition(
+        key="metadata-refresh",
+        title="Refresh metadata (EXIF)",
+        lock_id=42011,
+        batch_size=10,
+        lease_seconds=120,
+        scope_fields=(
+            ScopeField("missing_only", "bool", "Only images with no date and no camera"),
+            ScopeField("image_ids", "int_list", f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids"),
+        ),
+        normalize_scope=normalize_scope,
+        scope_queryset=scope_queryset,
+        item_queryset=lambda: Image.objects.all(),
+        process=process,
+        cost=CostModel(seconds_per_item=0.15),
+    )
+)

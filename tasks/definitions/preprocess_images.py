@@ -1,0 +1,117 @@
+"""preprocess-images: make every in-scope image's AVIF/WebP tiers.
+
+Scope: {} = missing or stale by recipe; {"stale": true} = only stale;
+{"failed_only": true} = not ready and with a recorded error; {"force": true} = all;
+{"image_ids": [...]} = an explicit batch (up to 500).
+"""
+
+from __future__ import annotations
+
+from django.db.models import Q
+from gallery.imaging import CancelledError
+
+from gallery.models import Image
+from gallery.services import (
+    ImageBusy,
+    VariantGenerationError,
+    preprocess_image,
+    variant_recipe_current,
+)
+from gallery.storage import VariantStorageNotConfigured, variant_store_resolve
+from tasks.registry import (
+    CostModel,
+    ItemFailure,
+    ItemResult,
+    RunFatal,
+    ScopeError,
+    ScopeField,
+    TaskDefinition,
+    TaskUnavailable,
+    register,
+    reject_unknown_keys,
+    scope_bool,
+    scope_ids,
+)
+
+MAX_EXPLICIT_IDS = 500
+
+
+def normalize_scope(raw: dict) -> dict:
+    reject_unknown_keys(raw, {"force", "stale", "failed_only", "image_ids"})
+    ids = scope_ids(raw, "image_ids", limit=MAX_EXPLICIT_IDS)
+    flags = {name: scope_bool(raw, name) for name in ("force", "stale", "failed_only")}
+    chosen = [name for name, on in flags.items() if on] + (["image_ids"] if ids else [])
+    if len(chosen) > 1:
+        raise ScopeError(chosen[1], f"choose one of force, stale, failed_only, image_ids (got {', '.join(chosen)})")
+    if ids:
+        return {"mode": "ids", "image_ids": ids}
+    mode = {"force": "all", "stale": "stale", "failed_only": "failed"}.get(chosen[0] if chosen else "", "missing")
+    return {"mode": mode}
+
+
+def scope_queryset(scope: dict):
+    alive = Image.objects.alive()
+    mode = scope.get("mode", "missing")
+    if mode == "ids":
+        return alive.filter(pk__in=scope["image_ids"])
+    if mode == "all":
+        return alive
+    version = variant_recipe_current().version
+    if mode == "stale":
+        return alive.filter(Q(variants_recipe__lt=version) | Q(variants_recipe__gt=version), variants_ready=True)
+    if mode == "failed":
+        return alive.filter(variants_ready=False).exclude(variants_error="")
+    return Image.objects.needing_variants(recipe_version=version)
+
+
+def check_available() -> None:
+    try:
+        variant_store_resolve()
+    except VariantStorageNotConfigured as exc:
+        raise TaskUnavailable(str(exc)) from exc
+
+
+def process(image: Image, cancel) -> ItemResult:
+    try:
+        store = variant_store_resolve()
+    except VariantStorageNotConfigured as exc:
+        raise RunFatal(f"variant storage configuration removed: {exc}") from exc
+    try:
+        outcome = preprocess_image(image, store, cancel, force=False)
+    except ImageBusy as exc:
+        # An upload's own job holds the image; look again shortly without using an attempt.
+        raise ItemFailure(code="busy", stage="claim", message=str(exc), counts_attempt=False) from exc
+    except CancelledError:
+        raise
+    except VariantGenerationError as exc:
+        # A file that will not decode will not decode next time either.
+        raise ItemFailure(
+            code=exc.code, stage=exc.stage, message=exc.message, retryable=exc.stage != "decode"
+        ) from exc
+    if outcome.skipped:
+        return ItemResult("skipped")
+    return ItemResult("succeeded", bytes_written=outcome.bytes_written, objects_written=outcome.objects_written)
+
+
+DEFINITION = register(
+    TaskDefinition(
+        key="preprocess-images",
+        title="Preprocess images (AVIF/WebP tiers)",
+        lock_id=42012,
+        batch_size=4,
+        lease_seconds=300,
+        scope_fields=(
+            ScopeField("force", "bool", "All live images, even ready ones"),
+            ScopeField("stale", "bool", "Only images made with an older recipe"),
+            ScopeField("failed_only", "bool", "Only images whose last attempt failed"),
+            ScopeField("image_ids", "int_list", f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids"),
+        ),
+        normalize_scope=normalize_scope,
+        scope_queryset=scope_queryset,
+        item_queryset=lambda: Image.objects.all(),
+        process=process,
+        cost=CostModel(seconds_per_item=2.0, bytes_per_item=600_000, writes_per_item=16),
+        check_available=check_available,
+        outage_codes=frozenset({"variant_upload_failed"}),
+    )
+)

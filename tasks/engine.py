@@ -1,0 +1,922 @@
+"""The task-run engine: one lifecycle for every registered task.
+
+create -> kick/tick (claim a batch, process items one by one, checkpoint after each)
+-> succeeded | failed | cancelled, with cancel, retry_failed and budget pauses.
+
+Concurrency model: a run is worked by any number of workers, each holding its own
+*batch* (a slice of ids after the run's cursor) under its own lease. Claims and
+checkpoints take ``pg_try_advisory_xact_lock(task lock id, run id)`` for the length
+of one short transaction only, never across fetch, encode or upload. A worker whose
+batch lease was lost (expired and adopted) finds its checkpoint matches no row and
+stops without writing.
+
+Items that fail are retried with exponential backoff (``AdminTaskItem`` ledger)
+while the run goes on; ``processed`` counts an item once, at its final outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db.models import Sum
+from django.utils import timezone
+from gallery.imaging import CancelledError
+
+from tasks import registry
+from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
+from tasks.registry import (
+    ItemFailure,
+    ItemResult,
+    RunFatal,
+    ScopeError,
+    TaskDefinition,
+    TaskUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_RECENT_ISSUES = 20
+NOTIFY_CHANNEL = "picsite_task_runs"
+
+
+# --- errors (each refusal is its own type; the API maps them to status codes) ---------
+
+
+class EngineError(Exception):
+    code = "engine_error"
+    http_status = 400
+
+    def __init__(self, message: str, *, details: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or {}
+
+
+class RunAlreadyActive(EngineError):
+    code, http_status = "run_active", 409
+
+
+class EmptyScope(EngineError):
+    code, http_status = "empty_scope", 422
+
+
+class StorageNotConfigured(EngineError):
+    code, http_status = "storage_not_configured", 422
+
+
+class InvalidScope(EngineError):
+    code, http_status = "invalid_scope", 400
+
+
+class InvalidBudget(EngineError):
+    code, http_status = "invalid_budget", 400
+
+
+class RunNotFound(EngineError):
+    code, http_status = "run_not_found", 404
+
+
+class UnknownTaskKey(EngineError):
+    code, http_status = "unknown_task", 404
+
+
+class InvalidTransition(EngineError):
+    code, http_status = "invalid_transition", 409
+
+
+def _definition(task_key: str) -> TaskDefinition:
+    try:
+        return registry.get(task_key)
+    except registry.UnknownTask:
+        raise UnknownTaskKey(f"no task named {task_key!r}") from None
+
+
+def _lease_seconds(defn: TaskDefinition) -> float:
+    return settings.PICSITE_LEASE_OVERRIDE_S or defn.lease_seconds
+
+
+def _get_run(run_id: int) -> AdminTaskRun:
+    try:
+        return AdminTaskRun.objects.get(pk=run_id)
+    except AdminTaskRun.DoesNotExist:
+        raise RunNotFound(f"no run with id {run_id}") from None
+
+
+def _notify(run_id: int, event: str, **payload: Any) -> None:
+    """Tell listeners (SSE streams on any host) that a run changed. Sent at commit."""
+    body = json.dumps({"run": run_id, "event": event, **payload}, default=str)
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_notify(%s, %s)", [NOTIFY_CHANNEL, body[:7900]])
+
+
+# --- scope, budget, preview ------------------------------------------------------------
+
+
+def normalize_scope(*, task_key: str, scope: Any) -> dict:
+    defn = _definition(task_key)
+    try:
+        return defn.normalize_scope(scope if scope is not None else {})
+    except ScopeError as exc:
+        raise InvalidScope(exc.message, details={"field": exc.field}) from exc
+
+
+BUDGET_KEYS = {"items": int, "seconds": (int, float), "bytes": int}
+
+
+def normalize_budget(budget: Any) -> dict:
+    if budget in (None, {}):
+        return {}
+    if not isinstance(budget, dict):
+        raise InvalidBudget("budget must be a JSON object", details={"field": "budget"})
+    out = {}
+    for key, value in budget.items():
+        if key not in BUDGET_KEYS:
+            raise InvalidBudget(f"unknown budget key {key!r}; allowed: items, seconds, bytes", details={"field": key})
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, BUDGET_KEYS[key]) or value <= 0:
+            raise InvalidBudget(f"budget {key} must be a positive number", details={"field": key})
+        out[key] = value
+    return out
+
+
+@dataclass
+class Preview:
+    task_key: str
+    scope: dict
+    count: int
+    estimate: dict = field(default_factory=dict)
+
+
+def _per_item_cost(defn: TaskDefinition) -> dict:
+    """Average cost per processed item over the last finished runs, else the defaults."""
+    recent = AdminTaskRun.objects.filter(task_key=defn.key, processed__gt=0).order_by("-id")[:10]
+    agg = AdminTaskRun.objects.filter(pk__in=list(recent.values_list("pk", flat=True))).aggregate(
+        items=Sum("spent_items"), seconds=Sum("busy_seconds"), bytes=Sum("spent_bytes"), writes=Sum("spent_writes")
+    )
+    if agg["items"]:
+        return {
+            "seconds": agg["seconds"] / agg["items"],
+            "bytes": agg["bytes"] / agg["items"],
+            "writes": agg["writes"] / agg["items"],
+            "source": "history",
+        }
+    c = defn.cost
+    return {"seconds": c.seconds_per_item, "bytes": c.bytes_per_item, "writes": c.writes_per_item, "source": "default"}
+
+
+def preview_count(*, task_key: str, scope: Any) -> Preview:
+    defn = _definition(task_key)
+    normalized = normalize_scope(task_key=task_key, scope=scope)
+    count = defn.scope_queryset(normalized).count()
+    per = _per_item_cost(defn)
+    estimate = {
+        "cpu_seconds": round(per["seconds"] * count, 1),
+        "bytes": int(per["bytes"] * count),
+        "object_writes": int(per["writes"] * count),
+        "basis": per["source"],
+    }
+    if settings.PICSITE_PRICE_PER_1K_WRITES or settings.PICSITE_PRICE_PER_GB:
+        estimate["money"] = round(
+            estimate["object_writes"] / 1000 * settings.PICSITE_PRICE_PER_1K_WRITES
+            + estimate["bytes"] / 1e9 * settings.PICSITE_PRICE_PER_GB,
+            4,
+        )
+    return Preview(task_key=task_key, scope=normalized, count=count, estimate=estimate)
+
+
+# --- create -----------------------------------------------------------------------------
+
+
+def create(*, task_key: str, scope: Any = None, budget: Any = None, user=None) -> AdminTaskRun:
+    """Create a queued run. Refuses with RunAlreadyActive, EmptyScope, StorageNotConfigured."""
+    defn = _definition(task_key)
+    normalized = normalize_scope(task_key=task_key, scope=scope)
+    clean_budget = normalize_budget(budget)
+    try:
+        defn.check_available()
+    except TaskUnavailable as exc:
+        raise StorageNotConfigured(str(exc)) from exc
+    with transaction.atomic():
+        # Serialize creates of one task; the partial unique index is the backstop.
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s, 0)", [defn.lock_id])
+        active = AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).first()
+        if active is not None:
+            raise RunAlreadyActive(
+                f"run #{active.pk} of {task_key} is {active.status}", details={"run_id": active.pk}
+            )
+        qs = defn.scope_queryset(normalized)
+        total = qs.count()
+        if total == 0:
+            raise EmptyScope(f"nothing to do: the scope {normalized} matches no items")
+        max_id = qs.order_by("-pk").values_list("pk", flat=True).first()
+        try:
+            run = AdminTaskRun.objects.create(
+                task_key=task_key,
+                scope=normalized,
+                budget=clean_budget,
+                total=total,
+                max_item_id=max_id,
+                created_by=user if getattr(user, "is_authenticated", False) else None,
+            )
+        except IntegrityError:
+            raise RunAlreadyActive(f"another run of {task_key} is active") from None
+        _notify(run.pk, "created", status=run.status)
+    return run
+
+
+def set_budget(*, run_id: int, budget: Any) -> AdminTaskRun:
+    """Replace the budget; a run paused by its budget resumes if the new one allows."""
+    clean = normalize_budget(budget)
+    with transaction.atomic():
+        run = AdminTaskRun.objects.select_for_update().get(pk=_get_run(run_id).pk)
+        run.budget = clean
+        fields = ["budget", "updated_at"]
+        if run.status == RunStatus.PAUSED and run.pause_reason == "budget" and not _budget_exhausted(run, 1.0, 0):
+            run.status, run.pause_reason = RunStatus.QUEUED, ""
+            fields += ["status", "pause_reason"]
+        run.save(update_fields=fields)
+        _notify(run.pk, "status", status=run.status)
+    return run
+
+
+def _budget_exhausted(run: AdminTaskRun, next_seconds: float, next_bytes: float) -> str | None:
+    """Which budget the next item would exceed, if any."""
+    b = run.budget or {}
+    if "items" in b and run.spent_items + 1 > b["items"]:
+        return "items"
+    if "seconds" in b and run.spent_seconds + next_seconds > b["seconds"]:
+        return "seconds"
+    if "bytes" in b and run.spent_bytes + next_bytes > b["bytes"]:
+        return "bytes"
+    return None
+
+
+# --- cancel / retry ----------------------------------------------------------------------
+
+
+def cancel(*, run_id: int) -> AdminTaskRun:
+    """Queued/paused runs, and runs with no live lease, are cancelled at once;
+    otherwise the run goes to cancelling and each worker stops at its next check."""
+    run = _get_run(run_id)
+    defn = _definition(run.task_key)
+    with transaction.atomic():
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, run.pk])
+        run = AdminTaskRun.objects.select_for_update().get(pk=run.pk)
+        if run.status in RunStatus.finished():
+            raise InvalidTransition(f"run #{run.pk} already {run.status}")
+        live = AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=timezone.now()).exists()
+        if run.status in (RunStatus.QUEUED, RunStatus.PAUSED) or not live:
+            _finish(run, RunStatus.CANCELLED)
+        elif run.status != RunStatus.CANCELLING:
+            run.status = RunStatus.CANCELLING
+            run.save(update_fields=["status", "updated_at"])
+            _notify(run.pk, "status", status=run.status)
+    return run
+
+
+def retry_failed(*, run_id: int) -> AdminTaskRun:
+    """Re-arm every item that ran out of attempts; a finished run is reopened."""
+    run = _get_run(run_id)
+    defn = _definition(run.task_key)
+    with transaction.atomic():
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s, 0)", [defn.lock_id])
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, run.pk])
+        run = AdminTaskRun.objects.select_for_update().get(pk=run.pk)
+        failed_items = AdminTaskItem.objects.filter(run=run, state=ItemState.FAILED)
+        n = failed_items.count()
+        if n == 0:
+            raise InvalidTransition(f"run #{run.pk} has no failed items to retry")
+        if run.status in (RunStatus.CANCELLING,):
+            raise InvalidTransition(f"run #{run.pk} is cancelling")
+        if run.status in RunStatus.finished():
+            other = AdminTaskRun.objects.filter(task_key=run.task_key, status__in=RunStatus.active()).exclude(pk=run.pk)
+            if other.exists():
+                raise RunAlreadyActive(f"run #{other.first().pk} of {run.task_key} is active")
+            run.status, run.finished_at = RunStatus.QUEUED, None
+        failed_items.update(state=ItemState.RETRYING, attempts=0, next_attempt_at=timezone.now(), claimed=False)
+        run.processed -= n
+        run.failed -= n
+        run.last_error = ""
+        run.save(update_fields=["status", "finished_at", "processed", "failed", "last_error", "updated_at"])
+        _notify(run.pk, "status", status=run.status)
+    return run
+
+
+# --- reads ------------------------------------------------------------------------------
+
+
+def list_runs(*, task_key: str, limit: int = 10) -> dict:
+    _definition(task_key)
+    active = AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).first()
+    recent = list(AdminTaskRun.objects.filter(task_key=task_key).order_by("-id")[:limit])
+    return {"active": active, "recent": recent}
+
+
+def detail(*, run_id: int, task_key: str | None = None) -> dict:
+    run = _get_run(run_id)
+    if task_key is not None and run.task_key != task_key:
+        raise RunNotFound(f"no {task_key} run with id {run_id}")
+    items = list(AdminTaskItem.objects.filter(run=run).exclude(state=ItemState.SUCCEEDED).order_by("item_id")[:200])
+    return {"run": run, "items": items, "progress": progress(run)}
+
+
+def progress(run: AdminTaskRun) -> dict:
+    """Throughput (items/s of wall time since start) and ETA for what is left."""
+    now = timezone.now()
+    elapsed = ((run.finished_at or now) - run.started_at).total_seconds() if run.started_at else 0.0
+    rate = run.processed / elapsed if elapsed > 0 and run.processed else 0.0
+    remaining = max(run.total - run.processed, 0)
+    eta = remaining / rate if rate > 0 and run.is_active else None
+    return {
+        "elapsed_seconds": round(elapsed, 1),
+        "items_per_second": round(rate, 3),
+        "eta_seconds": round(eta, 1) if eta is not None else None,
+        "percent": round(100.0 * run.processed / run.total, 1) if run.total else 100.0,
+    }
+
+
+# --- kick / tick ----------------------------------------------------------------------------
+
+
+@dataclass
+class _Claim:
+    batch_id: int
+    item_ids: list[int]
+    position: int
+    is_retry: bool
+
+
+def tick(*, task_key: str, time_budget_s: float | None = None, owner: str | None = None) -> AdminTaskRun | None:
+    """Kick the oldest runnable run of ``task_key`` (if any) and return it."""
+    _definition(task_key)
+    run = (
+        AdminTaskRun.objects.filter(task_key=task_key, status__in=[*RunStatus.runnable(), RunStatus.CANCELLING])
+        .order_by("id")
+        .first()
+    )
+    if run is None:
+        return None
+    return kick(run_id=run.pk, time_budget_s=time_budget_s, owner=owner)
+
+
+def kick(
+    *,
+    run_id: int,
+    time_budget_s: float | None = None,
+    owner: str | None = None,
+    max_batches: int | None = None,
+) -> AdminTaskRun:
+    """Work on a run until it ends, there is nothing to claim, or the time budget is used.
+
+    Safe to call from any number of processes at once; returns the run as it is now.
+    """
+    run = _get_run(run_id)
+    defn = _definition(run.task_key)
+    owner = owner or uuid.uuid4().hex
+    deadline = time.monotonic() + time_budget_s if time_budget_s else None
+    worker = _ItemRunner()
+    batches = 0
+    try:
+        while deadline is None or time.monotonic() < deadline:
+            claim = _claim_batch(run_id, defn, owner)
+            if claim is None:
+                break
+            batches += 1
+            if not _work_batch(run_id, defn, owner, claim, deadline, worker):
+                break
+            if max_batches is not None and batches >= max_batches:
+                break
+    except RunFatal as exc:
+        _fail_run(run_id, defn, str(exc))
+    finally:
+        worker.close()
+    _settle(run_id, defn)
+    return AdminTaskRun.objects.get(pk=run_id)
+
+
+def _try_lock(cur, defn: TaskDefinition, run_id: int, *, wait_s: float = 5.0) -> bool:
+    """Transaction-scoped try-lock with a short spin: claims and checkpoints are brief."""
+    give_up = time.monotonic() + wait_s
+    delay = 0.0005
+    while True:
+        cur.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", [defn.lock_id, run_id])
+        if cur.fetchone()[0]:
+            return True
+        if time.monotonic() > give_up:
+            return False
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, 0.05)
+
+
+def _claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> _Claim | None:
+    lease = timedelta(seconds=_lease_seconds(defn))
+    with transaction.atomic():
+        with connection.cursor() as cur:
+            if not _try_lock(cur, defn, run_id):
+                return None
+        run = AdminTaskRun.objects.get(pk=run_id)
+        if run.status not in RunStatus.runnable():
+            return None
+        try:
+            defn.check_available()
+        except TaskUnavailable as exc:
+            raise RunFatal(str(exc)) from exc
+        now = timezone.now()
+        per = _run_item_cost(run)
+        reason = _budget_exhausted(run, per["seconds"], per["bytes"])
+        if reason:
+            _pause(run, "budget", detail=f"the next item would exceed the {reason} budget")
+            return None
+
+        # 1. Adopt a batch whose worker died (lease expired).
+        with connection.cursor() as cur:
+            cur.execute(
+                """
+                UPDATE tasks_admintaskbatch SET lease_owner = %s, lease_expires_at = %s
+                WHERE id = (
+                    SELECT id FROM tasks_admintaskbatch
+                    WHERE run_id = %s AND lease_expires_at <= %s
+                    ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED)
+                RETURNING id, item_ids, position, is_retry
+                """,
+                [owner, now + lease, run_id, now],
+            )
+            row = cur.fetchone()
+        if row is not None:
+            _take_run_lease(run, owner, now + lease)
+            ids = row[1] if isinstance(row[1], list) else json.loads(row[1])
+            return _Claim(row[0], ids, row[2], row[3])
+
+        # 2. Fresh ids after the cursor (keyset, never OFFSET); scope frozen at max_item_id.
+        limit = defn.batch_size
+        if "items" in (run.budget or {}):
+            limit = max(1, min(limit, run.budget["items"] - run.spent_items))
+        ids = list(
+            defn.scope_queryset(run.scope)
+            .filter(pk__gt=run.cursor, pk__lte=run.max_item_id)
+            .order_by("pk")
+            .values_list("pk", flat=True)[:limit]
+        )
+        is_retry = False
+        if not ids:
+            # 3. Failed items whose backoff has elapsed.
+            due = list(
+                AdminTaskItem.objects.filter(
+                    run_id=run_id, state=ItemState.RETRYING, claimed=False, next_attempt_at__lte=now
+                )
+                .order_by("next_attempt_at", "item_id")
+                .values_list("item_id", flat=True)[:limit]
+            )
+            if due:
+                AdminTaskItem.objects.filter(run_id=run_id, item_id__in=due).update(claimed=True)
+                ids, is_retry = due, True
+        if not ids:
+            return None
+        batch = AdminTaskBatch.objects.create(
+            run_id=run_id, item_ids=ids, is_retry=is_retry, lease_owner=owner, lease_expires_at=now + lease
+        )
+        if not is_retry:
+            run.cursor = ids[-1]
+        _take_run_lease(run, owner, now + lease, save_cursor=not is_retry)
+        return _Claim(batch.pk, ids, 0, is_retry)
+
+
+def _take_run_lease(run: AdminTaskRun, owner: str, expires, *, save_cursor: bool = False) -> None:
+    fields = ["lease_owner", "lease_expires_at", "updated_at"]
+    run.lease_owner, run.lease_expires_at = owner, expires
+    if run.status == RunStatus.QUEUED:
+        run.status = RunStatus.RUNNING
+        fields.append("status")
+        _notify(run.pk, "status", status=run.status)
+    if run.started_at is None:
+        run.started_at = timezone.now()
+        fields.append("started_at")
+    if save_cursor:
+        fields.append("cursor")
+    run.save(update_fields=fields)
+
+
+def _run_item_cost(run: AdminTaskRun) -> dict:
+    if run.spent_items:
+        return {"seconds": run.spent_seconds / run.spent_items, "bytes": run.spent_bytes / run.spent_items}
+    c = _definition(run.task_key).cost
+    return {"seconds": c.seconds_per_item, "bytes": c.bytes_per_item}
+
+
+def _pause(run: AdminTaskRun, reason: str, *, detail: str) -> None:
+    run.status, run.pause_reason = RunStatus.PAUSED, reason
+    run.lease_owner, run.lease_expires_at = "", None
+    run.save(update_fields=["status", "pause_reason", "lease_owner", "lease_expires_at", "updated_at"])
+    # Unfinished batches stay; they are adopted when the run resumes.
+    AdminTaskBatch.objects.filter(run=run).update(lease_expires_at=timezone.now())
+    _record_issue_now(run, {"stage": "budget", "code": "budget", "message": detail})
+    _notify(run.pk, "status", status=run.status, reason=reason)
+
+
+# --- per-item execution ----------------------------------------------------------------
+
+
+class _CancelCheck:
+    """Cooperative stop signal handed to processors (called between stages).
+
+    Raises CancelledError when the run is being cancelled (status re-read at most
+    every 0.5 s) or the worker gave up on the item; ItemTimeout past the item's deadline.
+    """
+
+    def __init__(self, run_id: int, deadline: float):
+        self.run_id = run_id
+        self.deadline = deadline
+        self.abandoned = threading.Event()
+        self.cancelled = False
+        self._next_poll = 0.0
+
+    def __call__(self) -> None:
+        if self.abandoned.is_set():
+            raise CancelledError("the worker gave up on this item")
+        now = time.monotonic()
+        if now > self.deadline:
+            raise _ItemTimeout()
+        if now >= self._next_poll:
+            self._next_poll = now + 0.5
+            status = AdminTaskRun.objects.filter(pk=self.run_id).values_list("status", flat=True).first()
+            if status not in RunStatus.runnable():
+                self.cancelled = True
+                raise CancelledError(f"run is {status}")
+
+
+class _ItemTimeout(Exception):
+    pass
+
+
+class _ItemRunner:
+    """Runs processors on one helper thread so a stuck item can be abandoned at its limit."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+
+    def run(self, fn, *args, timeout: float):
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-item")
+        future = self._pool.submit(_in_thread, fn, *args)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            # Leave the stuck thread behind (it stops at its next cancel check).
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+            raise _ItemTimeout() from None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.submit(connection.close)
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _in_thread(fn, *args):
+    close_old_connections()
+    return fn(*args)
+
+
+@dataclass
+class _Outcome:
+    kind: str  # succeeded | skipped | failed | retry | stopped
+    result: ItemResult | None = None
+    failure: ItemFailure | None = None
+    seconds: float = 0.0
+
+
+def _process_one(defn: TaskDefinition, run_id: int, item, worker: _ItemRunner) -> _Outcome:
+    limit = settings.PICSITE_ITEM_TIME_LIMIT_S
+    check = _CancelCheck(run_id, time.monotonic() + limit)
+    started = time.monotonic()
+    try:
+        result = worker.run(defn.process, item, check, timeout=limit + 1)
+        kind = result.outcome
+    except _ItemTimeout:
+        check.abandoned.set()
+        return _Outcome(
+            "failed",
+            failure=ItemFailure(code="timeout", stage="process", message=f"item took over {limit:.0f}s"),
+            seconds=time.monotonic() - started,
+        )
+    except CancelledError:
+        return _Outcome("stopped", seconds=time.monotonic() - started)
+    except ItemFailure as exc:
+        return _Outcome("failed", failure=exc, seconds=time.monotonic() - started)
+    except RunFatal:
+        raise
+    except Exception as exc:
+        logger.exception("task %s item %s crashed", defn.key, getattr(item, "pk", item))
+        failure = ItemFailure(code="unexpected_error", stage="process", message=f"{type(exc).__name__}: {exc}")
+        return _Outcome("failed", failure=failure, seconds=time.monotonic() - started)
+    return _Outcome(kind, result=result, seconds=time.monotonic() - started)
+
+
+def _backoff_seconds(attempts: int) -> float:
+    base = settings.PICSITE_ITEM_RETRY_BASE_S * (2 ** max(attempts - 1, 0))
+    capped = min(base, settings.PICSITE_ITEM_RETRY_CAP_S)
+    return random.uniform(capped / 2, capped)  # "equal jitter"
+
+
+def _work_batch(run_id: int, defn: TaskDefinition, owner: str, claim: _Claim, deadline: float | None, worker) -> bool:
+    """Process the claim's remaining items. Returns False when this worker must stop."""
+    remaining = claim.item_ids[claim.position :]
+    items = {obj.pk: obj for obj in defn.item_queryset().filter(pk__in=remaining)}
+    consecutive_outage = 0
+    ledger = {}
+    if claim.is_retry:
+        ledger = {row.item_id: row for row in AdminTaskItem.objects.filter(run_id=run_id, item_id__in=remaining)}
+    for index, item_id in enumerate(remaining):
+        item = items.get(item_id)
+        if item is None:
+            outcome = _Outcome("skipped", result=ItemResult("skipped"))
+        else:
+            outcome = _process_one(defn, run_id, item, worker)
+        if outcome.kind == "stopped":
+            _release_batch(claim.batch_id, owner)
+            return False
+        if outcome.failure is not None and outcome.failure.code in defn.outage_codes:
+            consecutive_outage += 1
+        else:
+            consecutive_outage = 0
+        last = index == len(remaining) - 1
+        state = _checkpoint(run_id, defn, owner, claim, item_id, outcome, ledger.get(item_id), last)
+        if state is None:  # lease lost: someone adopted the batch; write nothing more
+            return False
+        if consecutive_outage >= settings.PICSITE_STORAGE_OUTAGE_THRESHOLD:
+            raise RunFatal(
+                f"storage outage: {consecutive_outage} items in a row failed to upload "
+                f"(last: {outcome.failure.message})"
+            )
+        if state.status not in RunStatus.runnable():
+            if not last:
+                _release_batch(claim.batch_id, owner)
+            return False
+        if state.budget_reached:
+            if not last:
+                _release_batch(claim.batch_id, owner)
+            return True  # the next claim pauses the run with reason "budget"
+        if deadline is not None and time.monotonic() >= deadline and not last:
+            _release_batch(claim.batch_id, owner)  # hand the rest to the next kick at once
+            return False
+    return True
+
+
+@dataclass
+class _CheckpointState:
+    status: str
+    budget_reached: bool
+
+
+CHECKPOINT_SQL = """
+WITH lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s, %(run)s) AS ok),
+b AS (
+    {batch_sql}
+),
+r AS (
+    UPDATE tasks_admintaskrun SET
+        processed = processed + %(processed)s,
+        succeeded = succeeded + %(succeeded)s,
+        skipped = skipped + %(skipped)s,
+        failed = failed + %(failed)s,
+        spent_items = spent_items + 1,
+        spent_seconds = spent_seconds + %(seconds)s,
+        busy_seconds = busy_seconds + %(seconds)s,
+        spent_bytes = spent_bytes + %(bytes)s,
+        spent_writes = spent_writes + %(writes)s,
+        lease_owner = %(owner)s,
+        lease_expires_at = now() + make_interval(secs => %(lease)s),
+        last_progress_at = now(),
+        updated_at = now(),
+        recent_issues = CASE WHEN %(issue)s::jsonb IS NULL THEN recent_issues ELSE (
+            SELECT coalesce(jsonb_agg(e ORDER BY n), '[]'::jsonb)
+              FROM jsonb_array_elements(jsonb_build_array(%(issue)s::jsonb) || recent_issues)
+                   WITH ORDINALITY AS t(e, n)
+             WHERE n <= %(max_issues)s) END
+     WHERE id = %(run)s AND EXISTS (SELECT 1 FROM b)
+    RETURNING status, budget, spent_items, spent_seconds, spent_bytes,
+              processed, succeeded, skipped, failed, total
+)
+SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes,
+       CASE WHEN r.status IS NULL THEN NULL ELSE pg_notify(%(channel)s, json_build_object(
+           'run', %(run)s, 'event', 'item', 'item_id', %(item_id)s, 'outcome', %(outcome)s,
+           'code', %(code)s, 'status', r.status, 'counters', json_build_object(
+               'processed', r.processed, 'succeeded', r.succeeded, 'skipped', r.skipped,
+               'failed', r.failed, 'total', r.total))::text) END
+  FROM lk LEFT JOIN r ON true
+"""
+# Advance the batch (renewing its lease) only if this worker still owns it at this position.
+BATCH_ADVANCE_SQL = """UPDATE tasks_admintaskbatch
+       SET position = position + 1, lease_expires_at = now() + make_interval(secs => %(lease)s)
+     WHERE id = %(batch)s AND lease_owner = %(owner)s AND position = %(position)s
+       AND (SELECT ok FROM lk)
+    RETURNING id"""
+BATCH_DONE_SQL = """DELETE FROM tasks_admintaskbatch
+     WHERE id = %(batch)s AND lease_owner = %(owner)s AND position = %(position)s
+       AND (SELECT ok FROM lk)
+    RETURNING id"""
+
+
+def _checkpoint(run_id, defn, owner, claim: _Claim, item_id, outcome: _Outcome, ledger_row, last: bool):
+    """Record one item's outcome in one statement (one round trip, its own transaction
+    unless a ledger row is written too). Returns the run's state, or None if the lease
+    was lost, in which case nothing was written."""
+    failure = outcome.failure
+    counts = {"processed": 0, "succeeded": 0, "skipped": 0, "failed": 0}
+    issue = None
+    ledger_action = None
+    reported = outcome.kind
+    if failure is None:
+        counts["processed"] = 1
+        counts["succeeded" if outcome.kind == "succeeded" else "skipped"] = 1
+        if ledger_row is not None:
+            ledger_action = ("succeeded", 0)
+    else:
+        attempts = (ledger_row.attempts if ledger_row else 0) + (1 if failure.counts_attempt else 0)
+        exhausted = not failure.retryable or attempts >= settings.PICSITE_ITEM_MAX_ATTEMPTS
+        if exhausted:
+            counts["processed"], counts["failed"] = 1, 1
+            ledger_action = ("failed", attempts)
+        else:
+            ledger_action, reported = ("retrying", attempts), "retry"
+        issue = {
+            "item_id": item_id,
+            "stage": failure.stage,
+            "code": failure.code,
+            "message": failure.message[:500],
+            "attempt": attempts,
+            "final": exhausted,
+            "at": timezone.now().isoformat(),
+        }
+    result = outcome.result
+    params = {
+        **counts,
+        "lock_id": defn.lock_id,
+        "lease": _lease_seconds(defn),
+        "batch": claim.batch_id,
+        "owner": owner,
+        "position": claim.position,
+        "run": run_id,
+        "seconds": outcome.seconds,
+        "bytes": result.bytes_written if result else 0,
+        "writes": result.objects_written if result else 0,
+        "issue": json.dumps(issue) if issue else None,
+        "max_issues": MAX_RECENT_ISSUES,
+        "channel": NOTIFY_CHANNEL,
+        "item_id": item_id,
+        "outcome": reported,
+        "code": failure.code if failure else None,
+    }
+    sql = CHECKPOINT_SQL.format(batch_sql=BATCH_DONE_SQL if last else BATCH_ADVANCE_SQL)
+    delay = 0.0005
+    while True:
+        with transaction.atomic() if ledger_action else nullcontext():  # alone, one statement is one transaction
+            with connection.cursor() as cur:
+                cur.execute(sql, params)
+                row = cur.fetchone()
+                lock_ok, status = row[0], row[1]
+                if lock_ok and status is not None and ledger_action is not None:
+                    _write_ledger(run_id, item_id, ledger_action, failure)
+        if lock_ok:
+            break
+        # Another worker is checkpointing this run right now: a brief spin.
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, 0.05)
+    if status is None:
+        return None
+    claim.position += 1
+    budget, spent_items, spent_seconds, spent_bytes = row[2:6]
+    b = (json.loads(budget) if isinstance(budget, str) else budget) or {}  # Django loads jsonb as text
+    per_s = spent_seconds / spent_items if spent_items else 0
+    per_b = spent_bytes / spent_items if spent_items else 0
+    reached = (
+        ("items" in b and spent_items + 1 > b["items"])
+        or ("seconds" in b and spent_seconds + per_s > b["seconds"])
+        or ("bytes" in b and spent_bytes + per_b > b["bytes"])
+    )
+    return _CheckpointState(status, reached)
+
+
+def _write_ledger(run_id: int, item_id: int, action: tuple[str, int], failure: ItemFailure | None) -> None:
+    state, attempts = action
+    if state == "succeeded":
+        AdminTaskItem.objects.filter(run_id=run_id, item_id=item_id).update(
+            state=ItemState.SUCCEEDED, claimed=False, next_attempt_at=None
+        )
+        return
+    next_at = timezone.now() + timedelta(seconds=_backoff_seconds(max(attempts, 1))) if state == "retrying" else None
+    AdminTaskItem.objects.update_or_create(
+        run_id=run_id,
+        item_id=item_id,
+        defaults={
+            "state": state,
+            "attempts": attempts,
+            "next_attempt_at": next_at,
+            "claimed": False,
+            "last_error_code": failure.code,
+            "last_error_stage": failure.stage,
+            "last_error_message": failure.message[:2000],
+        },
+    )
+
+
+def _release_batch(batch_id: int, owner: str) -> None:
+    """Give the rest of a batch back: the next kick adopts it immediately."""
+    AdminTaskBatch.objects.filter(pk=batch_id, lease_owner=owner).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+
+
+# --- finishing ---------------------------------------------------------------------------
+
+
+def _settle(run_id: int, defn: TaskDefinition) -> None:
+    """Finish the run if nothing is left: success, or cancelled after a cancel request."""
+    with transaction.atomic():
+        with connection.cursor() as cur:
+            if not _try_lock(cur, defn, run_id, wait_s=0.2):
+                return  # another worker is mid-checkpoint and will settle after us
+        run = AdminTaskRun.objects.get(pk=run_id)
+        now = timezone.now()
+        if run.status == RunStatus.CANCELLING:
+            if not AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=now).exists():
+                _finish(run, RunStatus.CANCELLED)
+            return
+        if run.status not in RunStatus.runnable():
+            return
+        if AdminTaskBatch.objects.filter(run=run).exists():
+            return
+        if AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING).exists():
+            return
+        more = (
+            defn.scope_queryset(run.scope).filter(pk__gt=run.cursor, pk__lte=run.max_item_id).exists()
+        )
+        if more:
+            return
+        _finish(run, RunStatus.SUCCEEDED)
+
+
+def _finish(run: AdminTaskRun, status: str, *, error: str = "") -> None:
+    run.status = status
+    run.finished_at = timezone.now()
+    run.lease_owner, run.lease_expires_at = "", None
+    fields = ["status", "finished_at", "lease_owner", "lease_expires_at", "updated_at"]
+    if status == RunStatus.SUCCEEDED and run.processed != run.total:
+        # Items that left the scope before their turn (deleted, or made ready by an
+        # upload's own job) were never handed out: count them as skipped.
+        gap = run.total - run.processed
+        if gap > 0:
+            run.skipped += gap
+            run.processed += gap
+            _append_issue(run, {"stage": "scope", "code": "left_scope", "message": f"{gap} items left the scope during the run"})
+            fields += ["skipped", "processed", "recent_issues"]
+        else:
+            run.total = run.processed
+            fields.append("total")
+    if error:
+        run.last_error = error[:2000]
+        fields.append("last_error")
+    run.save(update_fields=fields)
+    AdminTaskBatch.objects.filter(run=run).delete()
+    if status != RunStatus.SUCCEEDED:
+        AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING).update(claimed=False)
+    _notify(run.pk, "status", status=status, error=error or None)
+
+
+def _append_issue(run: AdminTaskRun, issue: dict) -> None:
+    issue = {"at": timezone.now().isoformat(), **issue}
+    run.recent_issues = ([issue] + list(run.recent_issues or []))[:MAX_RECENT_ISSUES]
+
+
+def _record_issue_now(run: AdminTaskRun, issue: dict) -> None:
+    _append_issue(run, issue)
+    run.save(update_fields=["recent_issues", "updated_at"])
+
+
+def _fail_run(run_id: int, defn: TaskDefinition, message: str) -> None:
+    logger.error("run %s failed: %s", run_id, message)
+    with transaction.atomic():
+        run = AdminTaskRun.objects.select_for_update().get(pk=run_id)
+        if run.status in RunStatus.finished():
+            return
+        _append_issue(run, {"stage": "run", "code": "run_failed", "message": message[:500]})
+        run.save(update_fields=["recent_issues"])
+        _finish(run, RunStatus.FAILED, error=message)

@@ -1,0 +1,85 @@
+"""django-q2 drivers: thin adapters over the engine.
+
+- ``start_run_drains`` (called on create/kick from the admin or API) enqueues
+  ``drain_run_job`` N times on the *backfill* cluster, after commit;
+- ``drain_run_job`` kicks for one time slice and re-enqueues itself while the run
+  is runnable, so one long run never pins a worker;
+- ``tick_all_job`` runs on a django-q2 schedule: any runnable run without a live
+  lease (its worker died) is adopted.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from picsite.queue import BACKFILL_QUEUE, enqueue_many
+from tasks import engine, registry
+from tasks.models import AdminTaskBatch, AdminTaskRun, RunStatus
+
+logger = logging.getLogger(__name__)
+
+DRAIN_FUNC = "tasks.jobs.drain_run_job"
+
+
+def start_run_drains(*, run_id: int, parallelism: int | None = None) -> None:
+    n = parallelism or settings.PICSITE_DRAIN_PARALLELISM
+    transaction.on_commit(lambda: enqueue_many(DRAIN_FUNC, [(run_id,)] * n, cluster=BACKFILL_QUEUE))
+
+
+def drain_run_job(run_id: int) -> str:
+    try:
+        run = engine.kick(run_id=run_id, time_budget_s=settings.PICSITE_DRAIN_SLICE_S)
+    except engine.RunNotFound:
+        return "gone"
+    if run.status in RunStatus.runnable() and _has_claimable_work(run):
+        enqueue_many(DRAIN_FUNC, [(run_id,)], cluster=BACKFILL_QUEUE)
+        return "continued"
+    return run.status
+
+
+def _has_claimable_work(run: AdminTaskRun) -> bool:
+    # Waiting only on retries with a future backoff: the schedule's tick resumes it.
+    defn = registry.get(run.task_key)
+    if AdminTaskBatch.objects.filter(run=run, lease_expires_at__lte=timezone.now()).exists():
+        return True
+    return defn.scope_queryset(run.scope).filter(pk__gt=run.cursor, pk__lte=run.max_item_id).exists()
+
+
+def tick_all_job() -> dict:
+    """Adopt runs whose workers died and resume runs waiting on retry backoff."""
+    started = {}
+    for defn in registry.all_definitions():
+        run = (
+            AdminTaskRun.objects.filter(task_key=defn.key, status__in=[*RunStatus.runnable(), RunStatus.CANCELLING])
+            .order_by("id")
+            .first()
+        )
+        if run is None:
+            continue
+        live = AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=timezone.now()).exists()
+        if live:
+            continue
+        run = engine.kick(run_id=run.pk, time_budget_s=min(settings.PICSITE_DRAIN_SLICE_S, 20))
+        if run.status in RunStatus.runnable():
+            enqueue_many(DRAIN_FUNC, [(run.pk,)], cluster=BACKFILL_QUEUE)
+        started[defn.key] = run.status
+    return started
+
+
+def ensure_tick_schedule() -> None:
+    """Create (or fix) the django-q2 schedule that runs ``tick_all_job``."""
+    from django_q.models import Schedule
+
+    Schedule.objects.update_or_create(
+        name="picsite-task-tick",
+        defaults={
+            "func": "tasks.jobs.tick_all_job",
+            "schedule_type": Schedule.MINUTES,
+            "minutes": settings.PICSITE_TICK_SCHEDULE_MINUTES,
+            "repeats": -1,
+        },
+    )

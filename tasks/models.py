@@ -1,0 +1,168 @@
+"""Engine tables: runs, claimed batches (leases) and the failed-item ledger.
+
+The engine (``tasks.engine``) is the only writer; the Django admin shows these
+read-only.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+
+
+class RunStatus(models.TextChoices):
+    """Lifecycle of an AdminTaskRun.
+
+    queued -> running -> succeeded | failed
+    queued | running -> cancelling -> cancelled   (cancel while a lease is live)
+    queued | running -> cancelled                 (cancel with no live lease)
+    running -> paused (budget reached) -> queued  (budget raised)
+    """
+
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    CANCELLING = "cancelling", "Cancelling"
+    PAUSED = "paused", "Paused"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+    @classmethod
+    def active(cls) -> list[str]:
+        """A run in one of these blocks another run of the same task."""
+        return [cls.QUEUED, cls.RUNNING, cls.CANCELLING, cls.PAUSED]
+
+    @classmethod
+    def runnable(cls) -> list[str]:
+        """A kick may claim work in these."""
+        return [cls.QUEUED, cls.RUNNING]
+
+    @classmethod
+    def finished(cls) -> list[str]:
+        return [cls.SUCCEEDED, cls.FAILED, cls.CANCELLED]
+
+
+class AdminTaskRun(models.Model):
+    task_key = models.CharField(max_length=64)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    pause_reason = models.CharField(max_length=32, blank=True)
+    scope = models.JSONField(default=dict)
+
+    total = models.PositiveIntegerField(default=0)  # counted once, at create
+    processed = models.PositiveIntegerField(default=0)
+    succeeded = models.PositiveIntegerField(default=0)
+    skipped = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0)
+
+    # Highest item id handed out to a batch; the keyset cursor.
+    cursor = models.BigIntegerField(default=0)
+    # Scope is frozen at create: items with id > max_item_id are a later run's job.
+    max_item_id = models.BigIntegerField(default=0)
+    # The most recent lease taken on this run (batches carry their own leases).
+    lease_owner = models.CharField(max_length=64, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+
+    recent_issues = models.JSONField(default=list)
+    last_error = models.TextField(blank=True)
+
+    # Budget: {"items": n, "seconds": s, "bytes": b}; spent counts the same keys.
+    budget = models.JSONField(default=dict, blank=True)
+    spent_items = models.PositiveIntegerField(default=0)
+    spent_seconds = models.FloatField(default=0)
+    spent_bytes = models.BigIntegerField(default=0)
+    spent_writes = models.PositiveIntegerField(default=0)
+
+    # Throughput/ETA: processing seconds summed over workers, and a per-minute timeline.
+    busy_seconds = models.FloatField(default=0)
+    timeline = models.JSONField(default=list)
+    last_progress_at = models.DateTimeField(null=True, blank=True)
+
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            # At most one active run per task, enforced by the database too.
+            models.UniqueConstraint(
+                fields=["task_key"],
+                condition=Q(status__in=["queued", "running", "cancelling", "paused"]),
+                name="one_active_run_per_task",
+            )
+        ]
+        indexes = [models.Index(fields=["task_key", "-id"], name="run_task_recent_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.task_key} #{self.pk} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in RunStatus.active()
+
+
+class AdminTaskBatch(models.Model):
+    """A claimed slice of a run, leased to one worker.
+
+    Several workers work on one run by each holding their own batch; a crashed
+    worker's batch is adopted by the next kick once its lease has expired.
+    """
+
+    run = models.ForeignKey(AdminTaskRun, on_delete=models.CASCADE, related_name="batches")
+    item_ids = models.JSONField(default=list)
+    position = models.PositiveIntegerField(default=0)  # items of item_ids already checkpointed
+    is_retry = models.BooleanField(default=False)
+    lease_owner = models.CharField(max_length=64)
+    lease_expires_at = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["run", "lease_expires_at"], name="batch_run_lease_idx")]
+
+    def __str__(self) -> str:
+        return f"batch #{self.pk} of run #{self.run_id} ({self.position}/{len(self.item_ids)})"
+
+
+class ItemState(models.TextChoices):
+    """Ledger state of an item that failed at least once.
+
+    retrying: will be tried again at next_attempt_at (claimed into a retry batch).
+    failed: out of attempts; "retry failed" re-arms it.
+    succeeded: a later attempt worked.
+    """
+
+    RETRYING = "retrying", "Retrying"
+    FAILED = "failed", "Failed"
+    SUCCEEDED = "succeeded", "Succeeded"
+
+
+class AdminTaskItem(models.Model):
+    run = models.ForeignKey(AdminTaskRun, on_delete=models.CASCADE, related_name="items")
+    item_id = models.BigIntegerField()
+    state = models.CharField(max_length=16, choices=ItemState.choices, default=ItemState.RETRYING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    claimed = models.BooleanField(default=False)
+    last_error_code = models.CharField(max_length=64, blank=True)
+    last_error_stage = models.CharField(max_length=32, blank=True)
+    last_error_message = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "item_id"], name="one_ledger_row_per_item")]
+        indexes = [
+            models.Index(
+                fields=["run", "next_attempt_at"],
+                name="item_due_idx",
+                condition=Q(state="retrying", claimed=False),
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"item {self.item_id} of run #{self.run_id} ({self.state})"

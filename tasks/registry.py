@@ -1,0 +1,147 @@
+"""Task definitions: what the engine needs to know about one kind of run.
+
+A definition is data plus three small functions; adding a task is one module in
+``tasks/definitions/`` that calls ``register``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db.models import Model, QuerySet
+
+
+class ScopeError(ValueError):
+    """A scope given to create/preview is malformed; ``field`` names the culprit."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class TaskUnavailable(Exception):
+    """The task cannot run at all right now (e.g. variant storage unconfigured)."""
+
+
+class RunFatal(Exception):
+    """The run cannot go on (storage outage, configuration removed mid-run)."""
+
+
+class ItemFailure(Exception):
+    """One item failed; the run goes on. ``retryable`` items come back with backoff."""
+
+    def __init__(self, *, code: str, stage: str, message: str, retryable: bool = True, counts_attempt: bool = True):
+        super().__init__(message)
+        self.code = code
+        self.stage = stage
+        self.message = message
+        self.retryable = retryable
+        self.counts_attempt = counts_attempt
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    """What processing one item did. ``outcome`` is "succeeded" or "skipped"."""
+
+    outcome: str
+    bytes_written: int = 0
+    objects_written: int = 0
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-item defaults used until measured history exists."""
+
+    seconds_per_item: float
+    bytes_per_item: int = 0
+    writes_per_item: int = 0
+
+
+@dataclass(frozen=True)
+class ScopeField:
+    name: str
+    type: str  # "bool" | "int_list" | "choice"
+    help: str
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TaskDefinition:
+    key: str
+    title: str
+    lock_id: int
+    batch_size: int
+    lease_seconds: float
+    scope_fields: tuple[ScopeField, ...]
+    normalize_scope: Callable[[dict[str, Any]], dict[str, Any]]
+    # Items in scope (unordered; the engine adds the id keyset and ordering).
+    scope_queryset: Callable[[dict[str, Any]], QuerySet]
+    # All items the processor may be handed (a retry may outlive the scope filter).
+    item_queryset: Callable[[], QuerySet]
+    process: Callable[[Model, Callable[[], None]], ItemResult]
+    cost: CostModel
+    # Raise TaskUnavailable when the task cannot run (checked at create and per batch).
+    check_available: Callable[[], None] = field(default=lambda: None)
+    # A processor failure that means the whole run must stop.
+    fatal_codes: frozenset[str] = frozenset()
+    # This many consecutive failures with one of these codes means an outage.
+    outage_codes: frozenset[str] = frozenset()
+
+
+_REGISTRY: dict[str, TaskDefinition] = {}
+
+
+class UnknownTask(KeyError):
+    pass
+
+
+def register(definition: TaskDefinition) -> TaskDefinition:
+    if definition.key in _REGISTRY and _REGISTRY[definition.key] is not definition:
+        raise ValueError(f"task {definition.key!r} registered twice")
+    lock_ids = {d.lock_id for k, d in _REGISTRY.items() if k != definition.key}
+    if definition.lock_id in lock_ids:
+        raise ValueError(f"lock id {definition.lock_id} already used")
+    _REGISTRY[definition.key] = definition
+    return definition
+
+
+def get(key: str) -> TaskDefinition:
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise UnknownTask(key) from None
+
+
+def all_definitions() -> list[TaskDefinition]:
+    return sorted(_REGISTRY.values(), key=lambda d: d.key)
+
+
+def scope_bool(scope: dict, name: str) -> bool:
+    value = scope.get(name, False)
+    if not isinstance(value, bool):
+        raise ScopeError(name, f"{name} must be true or false")
+    return value
+
+
+def scope_ids(scope: dict, name: str, *, limit: int) -> list[int] | None:
+    if name not in scope or scope[name] is None:
+        return None
+    value = scope[name]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value):
+        raise ScopeError(name, f"{name} must be a list of positive integer ids")
+    if not value:
+        raise ScopeError(name, f"{name} must not be empty")
+    if len(value) > limit:
+        raise ScopeError(name, f"{name} takes at most {limit} ids, got {len(value)}")
+    return sorted(set(value))
+
+
+def reject_unknown_keys(scope: dict, allowed: set[str]) -> None:
+    if not isinstance(scope, dict):
+        raise ScopeError("scope", "scope must be a JSON object")
+    unknown = sorted(set(scope) - allowed)
+    if unknown:
+        raise ScopeError(unknown[0], f"unknown scope key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")

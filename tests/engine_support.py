@@ -1,0 +1,88 @@
+"""A test-only task definition over synthetic Image rows (no files).
+
+The processor counts its calls in ``Image.variants_attempts`` (so tests can prove
+each item ran exactly once), marks the row ready, and misbehaves on request by
+title: "fail-always", "fail-once", "fatal", "hang". Imported by tests and by the
+worker subprocesses the crash tests SIGKILL (``python -m tests.engine_worker``).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from django.db.models import F
+
+from gallery.models import Image
+from tasks.registry import (
+    CostModel,
+    ItemFailure,
+    ItemResult,
+    RunFatal,
+    TaskDefinition,
+    register,
+    reject_unknown_keys,
+)
+
+TEST_TASK_KEY = "test-mark-ready"
+
+
+def _normalize(raw: dict) -> dict:
+    reject_unknown_keys(raw, set())
+    return {}
+
+
+def _process(image: Image, cancel) -> ItemResult:
+    Image.objects.filter(pk=image.pk).update(variants_attempts=F("variants_attempts") + 1)
+    calls = Image.objects.filter(pk=image.pk).values_list("variants_attempts", flat=True).get()
+    delay = float(os.environ.get("PICSITE_TEST_ITEM_DELAY", "0"))
+    end = time.monotonic() + delay
+    while time.monotonic() < end:
+        cancel()
+        time.sleep(min(0.005, delay))
+    cancel()
+    if image.title == "fail-always":
+        raise ItemFailure(code="boom", stage="process", message="this item always fails")
+    if image.title == "fail-once" and calls == 1:
+        raise ItemFailure(code="flaky", stage="process", message="fails on the first call")
+    if image.title == "fatal":
+        raise RunFatal("storage configuration removed")
+    if image.title == "hang":
+        for _ in range(400):
+            cancel()
+            time.sleep(0.01)
+    Image.objects.filter(pk=image.pk).update(variants_ready=True)
+    return ItemResult("succeeded", bytes_written=1000, objects_written=2)
+
+
+DEFINITION = register(
+    TaskDefinition(
+        key=TEST_TASK_KEY,
+        title="Test: mark ready",
+        lock_id=49001,
+        batch_size=4,
+        lease_seconds=300,
+        scope_fields=(),
+        normalize_scope=_normalize,
+        scope_queryset=lambda scope: Image.objects.alive().filter(variants_ready=False),
+        item_queryset=lambda: Image.objects.all(),
+        process=_process,
+        cost=CostModel(seconds_per_item=0.01, bytes_per_item=1000, writes_per_item=2),
+    )
+)
+
+
+def make_images(n: int, *, titles: dict[int, str] | None = None) -> list[Image]:
+    """Synthetic rows: unique keys, no files. ``titles`` maps index -> behaviour title."""
+    titles = titles or {}
+    rows = [
+        Image(
+            original=f"originals/synthetic-{i}.jpg",
+            image_key=f"variants/synthetic{time.monotonic_ns()}{i:06d}",
+            title=titles.get(i, f"img {i}"),
+            width=1000,
+            height=800,
+        )
+        for i in range(n)
+    ]
+    return Image.objects.bulk_create(rows)

@@ -1,0 +1,397 @@
+"""Task-run engine on the real Postgres: lifecycle, refusals, retries, budgets,
+leases, concurrency and crash recovery."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from django.db import connection
+from django.utils import timezone
+
+from gallery.models import Image
+from tasks import engine
+from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
+from tests.engine_support import TEST_TASK_KEY, make_images
+
+pytestmark = pytest.mark.django_db(transaction=True)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(settings):
+    settings.PICSITE_ITEM_RETRY_BASE_S = 0.01
+    settings.PICSITE_ITEM_RETRY_CAP_S = 0.05
+    settings.PICSITE_ITEM_MAX_ATTEMPTS = 3
+
+
+def drain(run_id: int, *, rounds: int = 200) -> AdminTaskRun:
+    """Kick until the run ends (retries wait out their short backoff)."""
+    for _ in range(rounds):
+        run = engine.kick(run_id=run_id)
+        if run.status not in RunStatus.runnable():
+            return run
+        time.sleep(0.02)
+    raise AssertionError(f"run {run_id} did not finish: {AdminTaskRun.objects.get(pk=run_id).status}")
+
+
+def assert_counters_exact(run: AdminTaskRun) -> None:
+    assert run.processed == run.total
+    assert run.succeeded + run.skipped + run.failed == run.processed
+
+
+# --- refusals (table-driven) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setup", "kwargs", "error", "field"),
+    [
+        ("none", {"scope": {}}, engine.EmptyScope, None),
+        ("images", {"scope": {"nope": 1}}, engine.InvalidScope, "nope"),
+        ("images", {"scope": [1, 2]}, engine.InvalidScope, "scope"),
+        ("images", {"scope": {}, "budget": {"items": -1}}, engine.InvalidBudget, "items"),
+        ("images", {"scope": {}, "budget": {"coins": 3}}, engine.InvalidBudget, "coins"),
+        ("active", {"scope": {}}, engine.RunAlreadyActive, None),
+    ],
+)
+def test_create_refusals(setup, kwargs, error, field):
+    if setup in ("images", "active"):
+        make_images(3)
+    if setup == "active":
+        engine.create(task_key=TEST_TASK_KEY, scope={})
+    with pytest.raises(error) as info:
+        engine.create(task_key=TEST_TASK_KEY, **kwargs)
+    if field:
+        assert info.value.details["field"] == field
+    assert AdminTaskRun.objects.filter(status=RunStatus.QUEUED).count() == (1 if setup == "active" else 0)
+
+
+def test_unknown_task_and_run():
+    with pytest.raises(engine.UnknownTaskKey):
+        engine.create(task_key="no-such-task", scope={})
+    with pytest.raises(engine.RunNotFound):
+        engine.kick(run_id=987654)
+
+
+@pytest.mark.parametrize(
+    ("scope", "field"),
+    [
+        ({"image_ids": [1, "2"]}, "image_ids"),
+        ({"image_ids": list(range(1, 502))}, "image_ids"),
+        ({"force": "yes"}, "force"),
+        ({"force": True, "stale": True}, "stale"),
+    ],
+)
+def test_preprocess_scope_validation(scope, field):
+    with pytest.raises(engine.InvalidScope) as info:
+        engine.normalize_scope(task_key="preprocess-images", scope=scope)
+    assert info.value.details["field"] == field
+
+
+def test_preprocess_refuses_without_storage(settings):
+    make_images(2)
+    settings.PICSITE_VARIANT_STORAGE = "none"
+    with pytest.raises(engine.StorageNotConfigured):
+        engine.create(task_key="preprocess-images", scope={})
+
+
+# --- happy path and counters -------------------------------------------------------------
+
+
+def test_run_goes_queued_running_succeeded():
+    images = make_images(10)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    assert (run.status, run.total, run.cursor) == (RunStatus.QUEUED, 10, 0)
+    run = engine.kick(run_id=run.pk, max_batches=1)
+    assert run.status == RunStatus.RUNNING and run.processed == 4 and run.cursor == images[6].pk or run.cursor > 0
+    run = drain(run.pk)
+    assert run.status == RunStatus.SUCCEEDED
+    assert_counters_exact(run)
+    assert run.succeeded == 10 and run.finished_at is not None
+    assert set(Image.objects.values_list("variants_attempts", flat=True)) == {1}
+    assert not AdminTaskBatch.objects.exists()
+
+
+def test_rows_inserted_during_run_are_not_skipped_or_double_counted():
+    make_images(5)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    engine.kick(run_id=run.pk, max_batches=1)
+    make_images(3)  # after create: a later run's job, never behind the cursor
+    run = drain(run.pk)
+    assert run.total == 5 and run.processed == 5
+    assert Image.objects.filter(variants_ready=False).count() == 3
+    nxt = engine.create(task_key=TEST_TASK_KEY, scope={})
+    assert nxt.total == 3
+
+
+def test_item_leaving_scope_is_counted_as_skipped():
+    images = make_images(6)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    Image.objects.filter(pk=images[-1].pk).update(variants_ready=True)  # e.g. its upload job finished
+    run = drain(run.pk)
+    assert run.status == RunStatus.SUCCEEDED
+    assert_counters_exact(run)
+    assert run.skipped == 1
+
+
+# --- retries ---------------------------------------------------------------------------------
+
+
+def test_flaky_item_is_retried_with_backoff_and_succeeds():
+    make_images(5, titles={2: "fail-once"})
+    run = drain(engine.create(task_key=TEST_TASK_KEY, scope={}).pk)
+    assert run.status == RunStatus.SUCCEEDED and run.succeeded == 5 and run.failed == 0
+    item = AdminTaskItem.objects.get(run=run)
+    assert item.state == ItemState.SUCCEEDED and item.attempts == 1
+    assert any(i["code"] == "flaky" for i in run.recent_issues)
+
+
+def test_item_out_of_attempts_fails_alone_then_retry_failed_rearms(settings):
+    make_images(6, titles={1: "fail-always"})
+    run = drain(engine.create(task_key=TEST_TASK_KEY, scope={}).pk)
+    assert run.status == RunStatus.SUCCEEDED  # one bad item never fails the run
+    assert (run.succeeded, run.failed) == (5, 1)
+    assert_counters_exact(run)
+    item = AdminTaskItem.objects.get(run=run)
+    assert (item.state, item.attempts, item.last_error_code) == (ItemState.FAILED, 3, "boom")
+    bad = Image.objects.get(title="fail-always")
+    assert bad.variants_attempts == 3
+
+    Image.objects.filter(pk=bad.pk).update(title="fixed now")
+    run = engine.retry_failed(run_id=run.pk)
+    assert run.status == RunStatus.QUEUED and run.failed == 0 and run.processed == 5
+    run = drain(run.pk)
+    assert run.status == RunStatus.SUCCEEDED and (run.succeeded, run.failed) == (6, 0)
+    assert_counters_exact(run)
+    with pytest.raises(engine.InvalidTransition):
+        engine.retry_failed(run_id=run.pk)
+
+
+def test_stuck_item_becomes_timeout_failure(settings):
+    settings.PICSITE_ITEM_TIME_LIMIT_S = 0.5
+    settings.PICSITE_ITEM_MAX_ATTEMPTS = 1
+    make_images(3, titles={0: "hang"})
+    run = drain(engine.create(task_key=TEST_TASK_KEY, scope={}).pk)
+    assert run.status == RunStatus.SUCCEEDED and run.failed == 1 and run.succeeded == 2
+    assert AdminTaskItem.objects.get(run=run).last_error_code == "timeout"
+
+
+def test_run_fatal_fails_the_run_with_clear_error():
+    make_images(4, titles={1: "fatal"})
+    run = drain(engine.create(task_key=TEST_TASK_KEY, scope={}).pk)
+    assert run.status == RunStatus.FAILED
+    assert "storage configuration removed" in run.last_error
+    assert not AdminTaskBatch.objects.filter(run=run).exists()
+
+
+# --- cancel ------------------------------------------------------------------------------------
+
+
+def test_cancel_queued_is_immediate_and_final():
+    make_images(3)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    run = engine.cancel(run_id=run.pk)
+    assert run.status == RunStatus.CANCELLED and run.finished_at
+    with pytest.raises(engine.InvalidTransition):
+        engine.cancel(run_id=run.pk)
+    # a new run may start now
+    assert engine.create(task_key=TEST_TASK_KEY, scope={}).status == RunStatus.QUEUED
+
+
+def test_cancel_with_live_lease_goes_cancelling_then_worker_stops():
+    make_images(8)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    engine.kick(run_id=run.pk, max_batches=1)
+    # a worker holds a live batch
+    AdminTaskBatch.objects.create(
+        run=run, item_ids=[1], lease_owner="other", lease_expires_at=timezone.now() + timedelta(minutes=5)
+    )
+    run = engine.cancel(run_id=run.pk)
+    assert run.status == RunStatus.CANCELLING
+    run = engine.kick(run_id=run.pk)  # nothing is claimed while cancelling
+    assert run.status == RunStatus.CANCELLING and run.processed == 4
+    AdminTaskBatch.objects.filter(run=run).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    run = engine.kick(run_id=run.pk)
+    assert run.status == RunStatus.CANCELLED
+
+
+def test_cancel_with_expired_lease_is_immediate():
+    make_images(8)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    AdminTaskBatch.objects.create(
+        run=run, item_ids=[1], lease_owner="dead", lease_expires_at=timezone.now() - timedelta(seconds=5)
+    )
+    AdminTaskRun.objects.filter(pk=run.pk).update(status=RunStatus.RUNNING)
+    assert engine.cancel(run_id=run.pk).status == RunStatus.CANCELLED
+
+
+def test_cancel_from_another_process_stops_within_one_item(settings):
+    make_images(40)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    env = _worker_env(delay="0.3")
+    worker = subprocess.Popen([sys.executable, "-m", "tests.engine_worker", "kick", str(run.pk)], cwd=REPO, env=env)
+    try:
+        _wait_until(lambda: AdminTaskRun.objects.get(pk=run.pk).processed >= 2, 30)
+        subprocess.run([sys.executable, "-m", "tests.engine_worker", "cancel", str(run.pk)], cwd=REPO, env=env, check=True)
+        at_cancel = AdminTaskRun.objects.get(pk=run.pk).processed
+        worker.wait(30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    run.refresh_from_db()
+    assert run.status == RunStatus.CANCELLED
+    # the in-flight item is abandoned at its next cancel check: at most one more lands
+    assert run.processed - at_cancel <= 1
+    assert run.processed < 40
+
+
+# --- budgets -----------------------------------------------------------------------------------
+
+
+def test_budget_pauses_before_exceeding_and_raising_it_resumes():
+    make_images(10)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={}, budget={"items": 6})
+    run = drain(run.pk)
+    assert run.status == RunStatus.PAUSED and run.pause_reason == "budget"
+    assert run.processed == 6 and run.spent_items == 6
+    run = engine.set_budget(run_id=run.pk, budget={"items": 100})
+    assert run.status == RunStatus.QUEUED
+    run = drain(run.pk)
+    assert run.status == RunStatus.SUCCEEDED and run.processed == 10
+    assert set(Image.objects.values_list("variants_attempts", flat=True)) == {1}
+
+
+def test_bytes_budget_pauses():
+    make_images(10)
+    run = drain(engine.create(task_key=TEST_TASK_KEY, scope={}, budget={"bytes": 3500}).pk)
+    assert run.status == RunStatus.PAUSED and run.spent_bytes <= 3500 and run.processed == 3
+
+
+# --- leases --------------------------------------------------------------------------------------
+
+
+def test_worker_that_lost_its_lease_writes_nothing():
+    make_images(4)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    defn = engine._definition(TEST_TASK_KEY)
+    claim = engine._claim_batch(run.pk, defn, "worker-a")
+    assert claim is not None and len(claim.item_ids) == 4
+    # A's lease expires; B adopts the batch.
+    AdminTaskBatch.objects.filter(pk=claim.batch_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    adopted = engine._claim_batch(run.pk, defn, "worker-b")
+    assert adopted.batch_id == claim.batch_id
+    outcome = engine._Outcome("succeeded", result=engine.ItemResult("succeeded"))
+    state = engine._checkpoint(run.pk, defn, "worker-a", claim, claim.item_ids[0], outcome, None, False)
+    assert state is None
+    run.refresh_from_db()
+    assert run.processed == 0 and run.lease_owner == "worker-b"
+
+
+def test_tick_kicks_oldest_runnable_run():
+    make_images(3)
+    assert engine.tick(task_key=TEST_TASK_KEY) is None
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    ticked = engine.tick(task_key=TEST_TASK_KEY)
+    assert ticked.pk == run.pk and ticked.status == RunStatus.SUCCEEDED
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+
+def test_eight_concurrent_kickers_process_each_item_exactly_once(settings):
+    os.environ["PICSITE_TEST_ITEM_DELAY"] = "0.01"
+    try:
+        make_images(80)
+        run = engine.create(task_key=TEST_TASK_KEY, scope={})
+        errors: list[BaseException] = []
+
+        def caller(i: int) -> None:
+            try:
+                for _ in range(30):
+                    r = engine.tick(task_key=TEST_TASK_KEY) if i % 2 else engine.kick(run_id=run.pk)
+                    if r is None or r.status not in RunStatus.runnable():
+                        return
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=caller, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    finally:
+        os.environ.pop("PICSITE_TEST_ITEM_DELAY", None)
+    assert not errors, errors
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED
+    assert_counters_exact(run)
+    calls = list(Image.objects.values_list("variants_attempts", flat=True))
+    assert calls == [1] * 80
+
+
+# --- crash recovery ---------------------------------------------------------------------------
+
+
+def _worker_env(*, delay: str = "0.02", lease: str = "1.0") -> dict:
+    env = dict(os.environ)
+    env["PICSITE_DB_NAME"] = connection.settings_dict["NAME"]
+    env["PICSITE_LEASE_OVERRIDE_S"] = lease
+    env["PICSITE_TEST_ITEM_DELAY"] = delay
+    env["PICSITE_ITEM_RETRY_BASE_S"] = "0.01"
+    env["PYTHONPATH"] = REPO
+    return env
+
+
+def _wait_until(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError("condition not reached in time")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [1, 2])
+def test_sigkilled_workers_are_adopted_and_counters_stay_exact(seed):
+    """12 SIGKILLs per seed at random points; the next worker adopts after the lease."""
+    rng = random.Random(seed)
+    make_images(40)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    env = _worker_env()
+    kills = 0
+    while kills < 12:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.engine_worker", "kick", str(run.pk)],
+            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        time.sleep(rng.uniform(0.5, 1.2))  # interpreter start is ~0.4 s; kill mid-work
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        if AdminTaskRun.objects.get(pk=run.pk).status not in RunStatus.active():
+            break
+    assert kills >= 10
+    # A survivor adopts whatever batch a killed worker held once its lease expires.
+    final = subprocess.run(
+        [sys.executable, "-m", "tests.engine_worker", "kick", str(run.pk)], cwd=REPO, env=env, timeout=120
+    )
+    assert final.returncode == 0
+    run.refresh_from_db()
+    if run.status != RunStatus.SUCCEEDED:
+        time.sleep(1.2)
+        run = drain(run.pk)
+    assert run.status == RunStatus.SUCCEEDED
+    assert_counters_exact(run)
+    assert run.succeeded + run.skipped == 40
+    assert not Image.objects.filter(variants_ready=False).exists()
