@@ -15,6 +15,7 @@ $PICSITE_CORPUS.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -78,10 +79,8 @@ def run_pipeline(data: bytes, recipe: VariantRecipe) -> list[tuple[int, str, byt
 def run_naive(data: bytes, recipe: VariantRecipe) -> list[tuple[int, str, bytes]]:
     im = Image.open(io.BytesIO(data))
     im.load()
-    try:
+    with contextlib.suppress(Exception):  # broken EXIF: keep the stored orientation
         im = ImageOps.exif_transpose(im)
-    except Exception:
-        pass
     im = im.convert("RGB")
     out = []
     for w in recipe.tier_widths(im.width):
@@ -143,10 +142,8 @@ def reference_original(path: Path) -> Image.Image:
     im = Image.open(path)
     im.load()
     icc = im.info.get("icc_profile")
-    try:
+    with contextlib.suppress(Exception):  # broken EXIF: keep the stored orientation
         im = ImageOps.exif_transpose(im)
-    except Exception:
-        pass
     if icc and im.mode in ("RGB", "RGBA", "CMYK", "L"):
         try:
             src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
@@ -375,7 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sweep", action="store_true", help="encoder settings table")
     parser.add_argument("--qualities", action="store_true", help="with --sweep: quality rows")
     parser.add_argument("--cascade-check", action="store_true")
-    parser.add_argument("--worker", nargs=3, metavar=("KIND", "PATH", "OUTDIR"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--worker", nargs=3, metavar=("KIND", "PATH", "OUTDIR"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.worker:
         worker(*args.worker)

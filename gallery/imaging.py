@@ -620,7 +620,9 @@ def _exif_datetime(value: Any, offset: Any = None, subsec: Any = None) -> dateti
     return dt.replace(tzinfo=UTC)
 
 
-def _dms_to_degrees(value: Any, ref: Any, positive: str, negative: str, limit: float) -> float | None:
+def _dms_to_degrees(
+    value: Any, ref: Any, positive: str, negative: str, limit: float
+) -> float | None:
     if value is None:
         return None
     try:
@@ -749,8 +751,15 @@ def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
         profile = ImageCms.ImageCmsProfile(io.BytesIO(icc))
         if profile.profile.xcolor_space != _PROFILE_SPACES[mode]:
             return None  # profile does not describe these pixels: ignore it
+        # NOCACHE: cached transforms are shared between threads, and lcms's one-pixel cache
+        # is not thread-safe.
         return ImageCms.buildTransform(
-            profile, _SRGB, mode, "RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL
+            profile,
+            _SRGB,
+            mode,
+            "RGB",
+            renderingIntent=ImageCms.Intent.PERCEPTUAL,
+            flags=ImageCms.Flags.NOCACHE,
         )
     except Exception:
         return None  # unreadable profile: treat pixels as sRGB rather than reject the photo
@@ -955,5 +964,7 @@ def compute_blurhash(img: Image.Image) -> str:
     if thumb.mode == "RGBA":
         white = Image.new("RGBA", thumb.size, (255, 255, 255, 255))
         thumb = Image.alpha_composite(white, thumb).convert("RGB")
-    return blurhash.encode(thumb, x_components=4, y_components=3)
-
+    with warnings.catch_warnings():
+        # blurhash-python uses Image.getdata(), deprecated in Pillow 13
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return blurhash.encode(thumb, x_components=4, y_components=3)

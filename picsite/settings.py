@@ -45,6 +45,7 @@ INSTALLED_APPS = [
     "django_q",
     "gallery",
     "tasks",
+    "picsite",
 ]
 
 MIDDLEWARE = [

@@ -498,9 +498,20 @@ def _claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> _Claim | None
         return _Claim(batch.pk, ids, 0, is_retry)
 
 
+TIMELINE_EVERY_S = 5
+TIMELINE_MAX_POINTS = 720
+
+
 def _take_run_lease(run: AdminTaskRun, owner: str, expires, *, save_cursor: bool = False) -> None:
     fields = ["lease_owner", "lease_expires_at", "updated_at"]
     run.lease_owner, run.lease_expires_at = owner, expires
+    # Progress samples [unix time, processed] for the throughput chart, one per 5 s at most.
+    now_ts = time.time()
+    points = list(run.timeline or [])
+    if not points or now_ts - points[-1][0] >= TIMELINE_EVERY_S:
+        points.append([round(now_ts, 1), run.processed])
+        run.timeline = points[-TIMELINE_MAX_POINTS:]
+        fields.append("timeline")
     if run.status == RunStatus.QUEUED:
         run.status = RunStatus.RUNNING
         fields.append("status")
@@ -894,6 +905,8 @@ def _finish(run: AdminTaskRun, status: str, *, error: str = "") -> None:
     if error:
         run.last_error = error[:2000]
         fields.append("last_error")
+    run.timeline = [*(run.timeline or []), [round(time.time(), 1), run.processed]][-TIMELINE_MAX_POINTS:]
+    fields.append("timeline")
     run.save(update_fields=fields)
     AdminTaskBatch.objects.filter(run=run).delete()
     if status != RunStatus.SUCCEEDED:

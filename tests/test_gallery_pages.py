@@ -1,0 +1,304 @@
+"""Public pages: the grid and the detail page serve ready variants only, never originals."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from django.db import connection
+from django.test import Client
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+
+from gallery.models import Image
+from gallery.selectors import gallery_page, image_sources, variant_store_or_none
+from gallery.services import image_ingest, variant_recipe_current
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+BLURHASH = "LEHV6nWB2yk8pyo0adR*.7kCMdnj"
+
+
+# Fixtures are local to this module (tests/conftest.py belongs to another area).
+
+
+@pytest.fixture
+def gallery_media(settings, tmp_path) -> Path:
+    root = tmp_path / "media"
+    root.mkdir()
+    settings.MEDIA_ROOT = root
+    settings.MEDIA_URL = "/media/"
+    settings.PICSITE_VARIANT_STORAGE = "local"
+    settings.PICSITE_VARIANT_LOCAL_ROOT = root / "v"
+    settings.PICSITE_VARIANT_LOCAL_URL = "/media/v/"
+    settings.PICSITE_VARIANT_FOLDER = "gallery"
+    settings.PICSITE_VARIANT_WIDTHS = [320, 480, 640, 800, 1080, 1280, 1920, 2560]
+    return root
+
+
+_serial = iter(range(1, 1_000_000))
+
+
+def make_image(*, ready_max_width: int = 800, width: int = 4000, height: int = 3000, **fields) -> Image:
+    n = next(_serial)
+    defaults = {
+        "original": f"originals/2026/01/photo{n}.jpg",
+        "title": f"Photo {n}",
+        "image_key": f"variants/{n:032x}",
+        "width": width,
+        "height": height,
+        "blurhash": BLURHASH,
+        "ready_max_width": ready_max_width,
+        "variants_ready": ready_max_width > 0,
+    }
+    return Image.objects.create(**{**defaults, **fields})
+
+
+def pictures(html: str) -> list[str]:
+    return re.findall(r"<picture>.*?</picture>", html, flags=re.S)
+
+
+def srcset_widths(html: str, fmt: str) -> list[int]:
+    match = re.search(rf'<source type="image/{fmt}" srcset="([^"]*)"', html)
+    assert match, f"no {fmt} source"
+    return [int(part.rsplit(" ", 1)[1].rstrip("w")) for part in match.group(1).split(", ")]
+
+
+# --- grid -----------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_grid_srcset_stops_at_ready_max_width(client, gallery_media):
+    image = make_image(ready_max_width=800)
+
+    response = client.get(reverse("gallery:grid"))
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    [picture] = pictures(html)
+    assert srcset_widths(picture, "avif") == [320, 480, 640, 800]
+    assert srcset_widths(picture, "webp") == [320, 480, 640, 800]
+    key = image.image_key
+    assert f"/media/v/gallery/{key}_800.avif 800w" in picture
+    assert f'src="/media/v/gallery/{key}_800.webp"' in picture
+    assert 'width="800" height="600"' in picture
+    assert 'loading="lazy"' in picture and 'decoding="async"' in picture
+    assert f'alt="{image.title}"' in picture
+    assert "_1080." not in html
+    assert f'data-blurhash="{BLURHASH}"' in html
+    assert "aspect-ratio: 4000 / 3000" in html
+
+
+@pytest.mark.django_db
+def test_grid_never_links_originals(client, gallery_media):
+    for ready in (0, 320, 2560):
+        make_image(ready_max_width=ready)
+    html = client.get("/").content.decode()
+    assert "/media/originals" not in html
+    assert "originals/" not in html
+
+
+@pytest.mark.django_db
+def test_image_without_ready_tier_is_placeholder_only(client, gallery_media):
+    pending = make_image(ready_max_width=0, width=3000, height=2000)
+
+    html = client.get("/").content.decode()
+
+    assert pictures(html) == []
+    assert "<img" not in html
+    assert f'data-blurhash="{BLURHASH}"' in html
+    assert "aspect-ratio: 3000 / 2000" in html
+    assert reverse("gallery:detail", args=[pending.pk]) in html  # still listed and linked
+
+
+@pytest.mark.django_db
+def test_no_sources_when_variant_storage_is_off(client, gallery_media, settings):
+    make_image(ready_max_width=800)
+    settings.PICSITE_VARIANT_STORAGE = "none"
+
+    html = client.get("/").content.decode()
+
+    assert pictures(html) == []
+    assert "data-blurhash" in html
+
+
+@pytest.mark.django_db
+def test_grid_hides_soft_deleted(client, gallery_media):
+    live = make_image()
+    gone = make_image(deleted_at=timezone.now())
+    html = client.get("/").content.decode()
+    assert reverse("gallery:detail", args=[live.pk]) in html
+    assert reverse("gallery:detail", args=[gone.pk]) not in html
+
+
+@pytest.mark.django_db
+def test_grid_pages_newest_first_by_keyset(client, gallery_media):
+    images = [make_image() for _ in range(50)]  # ascending ids
+
+    first = client.get("/").content.decode()
+    ids = [int(i) for i in re.findall(r'href="/photos/(\d+)/"', first)]
+    assert ids == [img.pk for img in reversed(images)][:48]
+    assert f'href="/?before={ids[-1]}"' in first
+
+    second = client.get(f"/?before={ids[-1]}").content.decode()
+    assert [int(i) for i in re.findall(r'href="/photos/(\d+)/"', second)] == [images[1].pk, images[0].pk]
+    assert "?before=" not in second  # last page
+
+
+@pytest.mark.django_db
+def test_grid_ignores_malformed_cursor(client, gallery_media):
+    make_image()
+    assert client.get("/?before=abc").status_code == 200
+    assert client.get("/?before=-4").status_code == 200
+
+
+@pytest.mark.django_db
+def test_anonymous_can_view_grid(gallery_media):
+    make_image()
+    response = Client().get("/")
+    assert response.status_code == 200
+    assert b"<picture>" in response.content
+
+
+@pytest.mark.django_db
+def test_empty_grid(client, gallery_media):
+    response = client.get("/")
+    assert response.status_code == 200
+    assert b"No photos yet" in response.content
+
+
+# --- query counts ---------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("page_size", [5, 40])
+def test_gallery_page_is_one_query(gallery_media, django_assert_num_queries, page_size):
+    for _ in range(page_size + 3):
+        make_image()
+    with django_assert_num_queries(1):
+        page = gallery_page(before_id=None, page_size=page_size)
+    assert len(page.images) == page_size
+    assert page.has_next
+
+
+@pytest.mark.django_db
+def test_grid_query_count_does_not_grow_with_page(client, gallery_media):
+    for _ in range(5):
+        make_image()
+    with CaptureQueriesContext(connection) as five:
+        assert client.get("/").status_code == 200
+
+    for _ in range(35):
+        make_image(ready_max_width=0)
+    with CaptureQueriesContext(connection) as forty:
+        html = client.get("/").content.decode()
+
+    assert html.count('href="/photos/') == 40
+    assert len(five) == len(forty) == 1
+
+
+# --- selectors ------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_image_sources_tiny_image_has_its_own_width_tier(gallery_media):
+    image = make_image(width=200, height=100, ready_max_width=200)
+    pic = image_sources(image=image, store=variant_store_or_none(), recipe=variant_recipe_current())
+    assert pic.avif_srcset == f"/media/v/gallery/{image.image_key}_200.avif 200w"
+    assert (pic.width, pic.height) == (200, 100)
+
+
+@pytest.mark.django_db
+def test_image_sources_full_ladder(gallery_media):
+    image = make_image(width=3000, height=2000, ready_max_width=2560)
+    pic = image_sources(image=image, store=variant_store_or_none(), recipe=variant_recipe_current(), sizes="50vw")
+    assert srcset_widths(f'<source type="image/webp" srcset="{pic.webp_srcset}"', "webp") == [
+        320, 480, 640, 800, 1080, 1280, 1920, 2560
+    ]
+    assert pic.src.endswith("_2560.webp")
+    assert (pic.width, pic.height, pic.sizes) == (2560, 1707, "50vw")
+
+
+@pytest.mark.django_db
+def test_image_sources_none_without_store(gallery_media):
+    image = make_image(ready_max_width=800)
+    pic = image_sources(image=image, store=None, recipe=variant_recipe_current())
+    assert not pic.has_sources and pic.blurhash == BLURHASH
+
+
+# --- detail ---------------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_detail_renders_ready_tiers_and_metadata(client, gallery_media):
+    image = make_image(
+        ready_max_width=1280,
+        taken_at=datetime(2021, 6, 5, 14, 30, tzinfo=UTC),
+        camera_make="Canon",
+        camera_model="Canon PowerShot G9",
+        lens="6.0-44.0 mm",
+        gps_latitude=48.858370,
+        gps_longitude=2.294481,
+        variants_error="upload/variant_upload_failed: boom",
+    )
+
+    response = client.get(reverse("gallery:detail", args=[image.pk]))
+
+    assert response.status_code == 200
+    html = response.content.decode()
+    [picture] = pictures(html)
+    assert srcset_widths(picture, "avif")[-1] == 1280
+    assert "_1920." not in html
+    assert "4000 × 3000 px" in html
+    assert "5 June 2021" in html
+    assert "Canon PowerShot G9" in html and "Canon Canon" not in html
+    assert "6.0-44.0 mm" in html
+    assert "48.85837" not in html  # GPS is staff-only
+    assert "boom" not in html
+    assert "/media/originals" not in html
+
+
+@pytest.mark.django_db
+def test_detail_shows_gps_and_error_to_staff(client, django_user_model, gallery_media):
+    image = make_image(gps_latitude=48.858370, gps_longitude=2.294481, variants_error="decode/corrupt: boom")
+    client.force_login(django_user_model.objects.create_user("pages-staff", password="pw-123456", is_staff=True))
+
+    html = client.get(reverse("gallery:detail", args=[image.pk])).content.decode()
+
+    assert "48.85837, 2.29448" in html
+    assert "decode/corrupt: boom" in html
+
+
+@pytest.mark.django_db
+def test_detail_placeholder_only_when_nothing_ready(client, gallery_media):
+    image = make_image(ready_max_width=0)
+    html = client.get(reverse("gallery:detail", args=[image.pk])).content.decode()
+    assert pictures(html) == []
+    assert "data-blurhash" in html
+
+
+@pytest.mark.django_db
+def test_detail_404_for_deleted_or_missing(client, gallery_media):
+    gone = make_image(deleted_at=timezone.now())
+    assert client.get(reverse("gallery:detail", args=[gone.pk])).status_code == 404
+    assert client.get(reverse("gallery:detail", args=[gone.pk + 1000])).status_code == 404
+
+
+@pytest.mark.django_db
+def test_ingested_photo_shows_in_grid_as_placeholder(client, gallery_media):
+    data = (CORPUS / "photos" / "flower_exif_icc.webp").read_bytes()
+    image = image_ingest(data=data, filename="flower_exif_icc.webp").image
+
+    html = client.get("/").content.decode()
+
+    assert image.blurhash and f'data-blurhash="{image.blurhash}"' in html
+    assert pictures(html) == []  # no variants yet
+    assert "originals/" not in html
+
+
+def test_static_assets_exist():
+    static = Path(__file__).resolve().parents[1] / "gallery" / "static" / "gallery"
+    assert "function decode" in (static / "blurhash.js").read_text()
+    assert ".ph" in (static / "site.css").read_text()

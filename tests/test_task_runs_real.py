@@ -1,0 +1,182 @@
+"""The two real tasks end to end through the engine: corpus photos, bad files placed
+straight into the library, S3 behind a fault-injecting proxy, the upload/backfill
+claim, metadata refresh outcomes, and the django-q2 drain job."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from django.db import connection
+from django_q.models import OrmQ
+
+from gallery import imaging
+from gallery.models import Image
+from gallery.services import _claim, _release, image_ingest, variant_recipe_current
+from gallery.storage import variant_key
+from tasks import engine
+from tasks.jobs import drain_run_job
+from tasks.models import AdminTaskItem, ItemState, RunStatus
+from tests.fault_proxy import FaultProxy
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+SMALL_PHOTOS = [
+    "photos/webp_gallery_tree.webp",
+    "photos/flower_exif_icc.webp",
+    "photos/pixel4a_paris_exif_after_idat.png",
+    "photos/embedgravitybird_rgba.png",
+]
+
+
+@pytest.fixture(autouse=True)
+def fast_retries(settings):
+    settings.PICSITE_ITEM_RETRY_BASE_S = 0.05
+    settings.PICSITE_ITEM_RETRY_CAP_S = 0.2
+
+
+def ingest(corpus, rels) -> list[Image]:
+    return [image_ingest(data=(corpus / r).read_bytes(), filename=r).image for r in rels]
+
+
+def place_bad_files(corpus, media_root, names) -> list[Image]:
+    """Bad bytes placed directly in the library (bypassing ingest's validation)."""
+    rows = []
+    for i, name in enumerate(names):
+        rel = f"originals/placed-{i}-{name}"
+        (media_root / "originals").mkdir(exist_ok=True)
+        (media_root / rel).write_bytes((corpus / "bad" / name).read_bytes())
+        rows.append(Image.objects.create(original=rel, title=name, image_key=f"variants/placed{i:028d}"))
+    return rows
+
+
+def drain(run_id, rounds=400):
+    for _ in range(rounds):
+        run = engine.kick(run_id=run_id)
+        if run.status not in RunStatus.runnable():
+            return run
+        time.sleep(0.05)
+    raise AssertionError("run did not finish")
+
+
+def test_bad_files_in_library_fail_alone_and_run_succeeds(corpus, local_storage, media_root):
+    good = ingest(corpus, SMALL_PHOTOS)
+    bad_names = ["truncated_photo.jpg", "html_error_page.png", "bomb_png_65536x65536.png", "zero_bytes.jpg"]
+    bad = place_bad_files(corpus, media_root, bad_names)
+    run = engine.create(task_key="preprocess-images", scope={})
+    assert run.total == len(good) + len(bad)
+    run = drain(run.pk)
+    assert run.status == RunStatus.SUCCEEDED
+    assert (run.succeeded, run.failed, run.processed) == (len(good), len(bad), run.total)
+    failed = {i.item_id: i for i in AdminTaskItem.objects.filter(run=run)}
+    assert set(failed) == {b.pk for b in bad}
+    for item in failed.values():
+        assert item.state == ItemState.FAILED and item.last_error_stage == "decode"
+        assert item.attempts == 1  # undecodable bytes are not retried
+        assert item.last_error_code in {"truncated", "not_an_image", "too_many_pixels", "empty_file", "corrupt"}
+    codes = {i["code"] for i in run.recent_issues}
+    assert codes <= {"truncated", "not_an_image", "too_many_pixels", "empty_file", "corrupt"}
+    assert Image.objects.filter(pk__in=[g.pk for g in good], variants_ready=True).count() == len(good)
+
+
+def test_s3_faults_are_retried_and_invariant_holds_throughout(corpus, settings, s3_storage, s3_client, s3_bucket, moto_server):
+    images = ingest(corpus, SMALL_PHOTOS)
+    recipe = variant_recipe_current()
+    violations: list[str] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        # Every moment: each advertised tier has both objects in the bucket.
+        try:
+            while not stop.is_set():
+                for img in Image.objects.filter(pk__in=[i.pk for i in images]):
+                    for w in recipe.tier_widths(img.width):
+                        if w > img.ready_max_width:
+                            break
+                        for fmt in imaging.FORMATS:
+                            key = variant_key(folder=s3_storage.folder, image_key=img.image_key, width=w, fmt=fmt)
+                            listing = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=key)
+                            if listing.get("KeyCount", 0) == 0:
+                                violations.append(f"{img.pk}: {key} advertised but missing")
+                time.sleep(0.05)
+        finally:
+            connection.close()
+
+    with FaultProxy(moto_server, fail_share=0.3, stall_share=0.1, stall_s=2.5) as proxy:
+        settings.PICSITE_S3_ENDPOINT_URL = proxy.url
+        settings.PICSITE_S3_TIMEOUT_S = 1
+        settings.PICSITE_ITEM_MAX_ATTEMPTS = 8
+        settings.PICSITE_STORAGE_OUTAGE_THRESHOLD = 50
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            run = drain(engine.create(task_key="preprocess-images", scope={}).pk)
+        finally:
+            stop.set()
+            watcher.join(30)
+        stats = dict(proxy.stats)
+    assert stats["failed"] > 0 and stats["stalled"] > 0, stats
+    assert not violations, violations[:5]
+    assert run.status == RunStatus.SUCCEEDED, run.last_error
+    assert run.succeeded == len(images) and run.failed == 0
+    assert Image.objects.filter(variants_ready=True).count() == len(images)
+
+
+def test_storage_outage_fails_the_run_with_clear_error(corpus, settings, s3_storage, moto_server):
+    ingest(corpus, SMALL_PHOTOS)
+    with FaultProxy(moto_server, fail_share=1.0) as proxy:
+        settings.PICSITE_S3_ENDPOINT_URL = proxy.url
+        settings.PICSITE_STORAGE_OUTAGE_THRESHOLD = 3
+        run = drain(engine.create(task_key="preprocess-images", scope={}).pk)
+    assert run.status == RunStatus.FAILED
+    assert "storage outage" in run.last_error
+
+
+def test_storage_config_removed_mid_run_fails_run(corpus, settings, local_storage):
+    ingest(corpus, SMALL_PHOTOS)
+    run = engine.create(task_key="preprocess-images", scope={})
+    settings.PICSITE_VARIANT_STORAGE = "none"
+    run = drain(run.pk)
+    assert run.status == RunStatus.FAILED and "PICSITE_VARIANT_STORAGE" in run.last_error
+
+
+def test_upload_job_claim_keeps_backfill_off_the_image(corpus, local_storage):
+    (img,) = ingest(corpus, SMALL_PHOTOS[:1])
+    token = _claim(img.pk, seconds=60)  # an upload's job is generating it right now
+    run = engine.create(task_key="preprocess-images", scope={})
+    run = engine.kick(run_id=run.pk)
+    item = AdminTaskItem.objects.get(run=run, item_id=img.pk)
+    assert item.state == ItemState.RETRYING and item.last_error_code == "busy" and item.attempts == 0
+    assert not Image.objects.get(pk=img.pk).variants_ready
+    _release(img.pk, token)
+    run = drain(run.pk)
+    assert run.status == RunStatus.SUCCEEDED and run.succeeded == 1
+
+
+def test_metadata_refresh_outcomes(corpus, local_storage):
+    images = ingest(corpus, ["photos/canon_sx60_orientation6.jpg", "photos/flower_exif_icc.webp"])
+    Image.objects.filter(pk=images[0].pk).update(camera_model="wrong", width=1, height=1)
+    run = drain(engine.create(task_key="metadata-refresh", scope={}).pk)
+    assert run.status == RunStatus.SUCCEEDED
+    assert (run.succeeded, run.skipped, run.failed) == (1, 1, 0)
+    fixed = Image.objects.get(pk=images[0].pk)
+    assert (fixed.width, fixed.height) == (1536, 2048) and "SX60" in fixed.camera_model
+
+
+def test_metadata_refresh_missing_original_is_coded_failure(corpus, local_storage, media_root):
+    (img,) = ingest(corpus, ["photos/flower_exif_icc.webp"])
+    (media_root / img.original.name).unlink()
+    run = drain(engine.create(task_key="metadata-refresh", scope={"image_ids": [img.pk]}).pk)
+    assert run.status == RunStatus.SUCCEEDED and run.failed == 1
+    assert AdminTaskItem.objects.get(run=run).last_error_code == "missing_original"
+
+
+def test_drain_job_kicks_and_requeues_itself(corpus, settings, local_storage):
+    ingest(corpus, SMALL_PHOTOS)
+    settings.PICSITE_DRAIN_SLICE_S = 0.01  # one item per slice
+    run = engine.create(task_key="preprocess-images", scope={})
+    assert drain_run_job(run.pk) == "continued"
+    assert OrmQ.objects.filter(key="backfill").count() == 1
+    settings.PICSITE_DRAIN_SLICE_S = 60
+    assert drain_run_job(run.pk) == RunStatus.SUCCEEDED

@@ -1,0 +1,139 @@
+"""preprocess_image against real storage (local disk, moto S3 over HTTP): the
+ready_max_width invariant under a storage failure at every tier and format position,
+resume after failure, object headers, and the unconfigured-storage message."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image as PILImage
+
+from gallery import imaging
+from gallery.models import Image
+from gallery.services import VariantGenerationError, image_ingest, preprocess_image, variant_recipe_current
+from gallery.storage import (
+    CACHE_CONTROL,
+    VariantStorageError,
+    VariantStorageNotConfigured,
+    variant_key,
+    variant_store_resolve,
+)
+
+pytestmark = pytest.mark.django_db
+
+SOURCE = "photos/webp_gallery_tree.webp"  # 1024 px wide: tiers 320, 480, 640, 800
+
+
+class FailingAt:
+    """Wraps a real store; the put at ``position`` (0-based) raises."""
+
+    def __init__(self, inner, position: int):
+        self.inner, self.position, self.calls = inner, position, 0
+        self.kind, self.folder = inner.kind, inner.folder
+
+    def put(self, key, data, content_type):
+        index, self.calls = self.calls, self.calls + 1
+        if index == self.position:
+            raise VariantStorageError(f"injected failure at put #{index} ({key})")
+        self.inner.put(key, data, content_type)
+
+    def exists(self, key):
+        return self.inner.exists(key)
+
+    def delete(self, key):
+        self.inner.delete(key)
+
+    def url(self, key):
+        return self.inner.url(key)
+
+
+def _ingest(corpus, rel: str) -> Image:
+    path = corpus / rel
+    return image_ingest(data=path.read_bytes(), filename=path.name).image
+
+
+def _assert_invariant(image: Image, store) -> None:
+    """Both objects of every tier up to ready_max_width exist."""
+    image.refresh_from_db()
+    widths = variant_recipe_current().tier_widths(image.width)
+    for w in widths:
+        if w > image.ready_max_width:
+            break
+        for fmt in imaging.FORMATS:
+            key = variant_key(folder=store.folder, image_key=image.image_key, width=w, fmt=fmt)
+            assert store.exists(key), f"ready_max_width={image.ready_max_width} but {key} is missing"
+    assert image.ready_max_width == 0 or image.ready_max_width in widths
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request):
+    return request.getfixturevalue(f"{request.param}_storage")
+
+
+@pytest.mark.parametrize("position", range(8))
+def test_failure_at_every_position_keeps_ready_max_width_honest(corpus, store, position):
+    image = _ingest(corpus, SOURCE)
+    widths = variant_recipe_current().tier_widths(image.width)
+    assert widths == [320, 480, 640, 800]
+    tier = position // 2
+    with pytest.raises(VariantGenerationError) as info:
+        preprocess_image(image, FailingAt(store, position))
+    assert (info.value.stage, info.value.code) == ("upload", "variant_upload_failed")
+    image.refresh_from_db()
+    assert image.ready_max_width == (widths[tier - 1] if tier else 0)
+    assert image.variants_ready is False
+    assert image.blurhash and image.width == 1024 and image.height == 772
+    _assert_invariant(image, store)
+    # A retry resumes and finishes; the claim was released by the failed attempt.
+    outcome = preprocess_image(image, store)
+    assert outcome.variants_ready and outcome.tiers_written == widths[tier:]
+    image.refresh_from_db()
+    assert image.variants_ready and image.ready_max_width == 800 and image.variants_error == ""
+    _assert_invariant(image, store)
+
+
+def test_variant_objects_are_correct_and_idempotent(corpus, store):
+    image = _ingest(corpus, "photos/canon_sx60_orientation6.jpg")  # 2048x1536, EXIF 6
+    assert (image.width, image.height) == (1536, 2048)
+    outcome = preprocess_image(image, store)
+    assert outcome.tiers_written == [320, 480, 640, 800, 1080, 1280]
+    assert preprocess_image(image, store).skipped  # already ready with this recipe
+    again = preprocess_image(image, store, force=True)  # storing again overwrites in place
+    assert again.tiers_written == outcome.tiers_written
+    _assert_invariant(image, store)
+
+
+def test_s3_objects_carry_type_and_cache_headers(corpus, s3_storage, s3_client, s3_bucket):
+    image = _ingest(corpus, "photos/flower_exif_icc.webp")  # 300 px: one tier at its own width
+    preprocess_image(image, s3_storage)
+    for fmt, ctype in imaging.CONTENT_TYPES.items():
+        key = variant_key(folder=s3_storage.folder, image_key=image.image_key, width=300, fmt=fmt)
+        head = s3_client.head_object(Bucket=s3_bucket, Key=key)
+        assert head["ContentType"] == ctype
+        assert head["CacheControl"] == CACHE_CONTROL
+        body = s3_client.get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+        import io
+
+        with PILImage.open(io.BytesIO(body)) as im:
+            assert im.width == 300
+            assert not im.getexif()
+
+
+def test_unconfigured_storage_turns_pipeline_off_with_reason(settings):
+    settings.PICSITE_VARIANT_STORAGE = "s3"
+    settings.PICSITE_S3_BUCKET = ""
+    with pytest.raises(VariantStorageNotConfigured, match="PICSITE_S3_BUCKET"):
+        variant_store_resolve()
+    settings.PICSITE_VARIANT_STORAGE = "none"
+    with pytest.raises(VariantStorageNotConfigured, match="off"):
+        variant_store_resolve()
+
+
+def test_corrupt_original_fails_at_decode_and_advertises_nothing(corpus, local_storage, media_root):
+    image = _ingest(corpus, SOURCE)
+    # The original rots on disk after ingest.
+    (media_root / image.original.name).write_bytes((corpus / "bad/truncated_photo.jpg").read_bytes())
+    with pytest.raises(VariantGenerationError) as info:
+        preprocess_image(image, local_storage)
+    assert info.value.stage == "decode"
+    image.refresh_from_db()
+    assert image.ready_max_width == 0 and not image.variants_ready
