@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +47,11 @@ NAIVE_AVIF_SPEED = 6
 NAIVE_WEBP_METHOD = 4
 
 
+def make_recipe() -> VariantRecipe:
+    """The default recipe, or one overridden by --avif-speed etc. (passed to workers in env)."""
+    return VariantRecipe(**json.loads(os.environ.get("BENCH_RECIPE", "{}")))
+
+
 def corpus_dir() -> Path:
     default = REPO.parent / "shared" / "corpus"
     return default if default.is_dir() else Path(os.environ.get("PICSITE_CORPUS", default))
@@ -57,6 +63,17 @@ def photo_paths(limit: int | None = None) -> list[Path]:
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of this process's own address space.
+
+    ru_maxrss is preserved across fork+exec, so a child spawned by a big parent would report
+    the parent's size; VmHWM belongs to the address space exec created.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -69,11 +86,9 @@ def run_pipeline(data: bytes, recipe: VariantRecipe) -> list[tuple[int, str, byt
     meta = inspect_image(data, max_pixels=MAX_PIXELS)
     widths = recipe.tier_widths(meta.width)
     img = decode_for_variants(data, max_pixels=MAX_PIXELS, target_width=max(widths))
-    return [
-        (w, fmt, encode_variant(tier, fmt, recipe))
-        for w, tier in render_tiers(img, widths)
-        for fmt in FORMATS
-    ]
+    tiers = render_tiers(img, widths)
+    del img  # the generator frees the full-size decode once the tiers exist
+    return [(w, fmt, encode_variant(tier, fmt, recipe)) for w, tier in tiers for fmt in FORMATS]
 
 
 def run_naive(data: bytes, recipe: VariantRecipe) -> list[tuple[int, str, bytes]]:
@@ -98,7 +113,7 @@ def worker(kind: str, path: str, outdir: str) -> None:
     import pillow_heif
 
     pillow_heif.register_heif_opener()
-    recipe = VariantRecipe()
+    recipe = make_recipe()
     data = Path(path).read_bytes()
     start = time.perf_counter()
     results = (run_pipeline if kind == "pipeline" else run_naive)(data, recipe)
@@ -217,7 +232,7 @@ def score_blob(refs: References, blob: bytes) -> float:
 
 
 def bench(out: Path, limit: int | None) -> dict:
-    recipe = VariantRecipe()
+    recipe = make_recipe()
     per_photo = []
     totals = {k: 0.0 for k in ("pipeline_seconds", "naive_seconds")}
     totals.update({"pipeline_bytes": 0, "naive_bytes": 0})
@@ -291,7 +306,7 @@ def bench(out: Path, limit: int | None) -> dict:
 
 def _prepared(limit: int | None):
     """(References, [(width, tier image)]) per photo, from our decode + render."""
-    recipe = VariantRecipe()
+    recipe = make_recipe()
     for path in photo_paths(limit):
         data = path.read_bytes()
         meta = inspect_image(data, max_pixels=MAX_PIXELS)
@@ -301,17 +316,17 @@ def _prepared(limit: int | None):
 
 
 def sweep(limit: int | None, qualities: bool) -> None:
-    base = VariantRecipe()
+    base = make_recipe()
     settings: list[tuple[str, VariantRecipe]] = []
-    settings += [(f"avif speed {s}", VariantRecipe(avif_speed=s)) for s in (6, 7, 8, 9, 10)]
-    settings += [(f"webp method {m}", VariantRecipe(webp_method=m)) for m in (2, 3, 4, 5, 6)]
+    settings += [(f"avif speed {s}", replace(base, avif_speed=s)) for s in (6, 7, 8, 9, 10)]
+    settings += [(f"webp method {m}", replace(base, webp_method=m)) for m in (2, 3, 4, 5, 6)]
     if qualities:
         settings += [
-            (f"avif q{q} speed {base.avif_speed}", VariantRecipe(avif_quality=q))
+            (f"avif q{q} speed {base.avif_speed}", replace(base, avif_quality=q))
             for q in (50, 55, 60, 65)
         ]
         settings += [
-            (f"webp q{q} method {base.webp_method}", VariantRecipe(webp_quality=q))
+            (f"webp q{q} method {base.webp_method}", replace(base, webp_quality=q))
             for q in (70, 75, 80)
         ]
     stats = {name: {"seconds": 0.0, "bytes": 0, "ssim": []} for name, _ in settings}
@@ -346,7 +361,7 @@ def cascade_check(limit: int | None) -> None:
     print("| photo | cascade SSIM | direct SSIM | direct - cascade | cascade s | direct s |")
     print("|---|---:|---:|---:|---:|---:|")
     for path, refs, img, _tiers in _prepared(limit):
-        widths = VariantRecipe().tier_widths(refs.original.width)
+        widths = make_recipe().tier_widths(refs.original.width)
         out = {}
         for cascade in (True, False):
             imaging._CASCADE = cascade
@@ -375,7 +390,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--worker", nargs=3, metavar=("KIND", "PATH", "OUTDIR"), help=argparse.SUPPRESS
     )
+    for name in ("avif_quality", "avif_speed", "webp_quality", "webp_method", "encoder_threads"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, dest=name)
     args = parser.parse_args(argv)
+    overrides = {
+        name: getattr(args, name)
+        for name in ("avif_quality", "avif_speed", "webp_quality", "webp_method", "encoder_threads")
+        if getattr(args, name) is not None
+    }
+    if overrides:
+        os.environ["BENCH_RECIPE"] = json.dumps(overrides)
     if args.worker:
         worker(*args.worker)
     elif args.sweep:

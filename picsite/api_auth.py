@@ -1,18 +1,35 @@
-"""Who is calling the JSON API, and the API's error body.
+"""Who is calling the JSON API, API tokens, and the API's error body.
 
-API views are ``csrf_exempt`` and call ``api_user`` instead: a session caller still
-has to pass Django's CSRF check (done here, as DRF's SessionAuthentication does),
-while a future bearer-token caller, which sends no cookies, will not. Failures are
-always JSON, never a redirect to a login page or Django's HTML 403.
+Two ways in:
+
+- ``Authorization: Bearer pst_...``: an ``ApiToken`` (looked up by the SHA-256 of
+  the presented token, so the comparison never touches the secret itself). A token
+  caller sends no cookies, so it is exempt from CSRF.
+- The session cookie (a logged-in browser): must pass Django's CSRF check on
+  unsafe methods, done here as DRF's SessionAuthentication does, because API views
+  are ``csrf_exempt`` (so that failures are JSON, not Django's HTML 403).
+
+Failures are always JSON, never a redirect to a login page.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import secrets
+from datetime import timedelta
 from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
+from django.db.models import Q
 from django.http import HttpRequest, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
+from django.utils import timezone
+
+from picsite.models import ApiToken
+
+TOKEN_PREFIX = "pst_"
+LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
 class ApiAuthError(Exception):
@@ -29,24 +46,89 @@ class ApiAuthError(Exception):
 
 
 def api_error(status: int, code: str, message: str, details: Any = None) -> JsonResponse:
-    """``{"error": {"code", "message"[, "details"]}}`` with the given HTTP status."""
-    body: dict[str, Any] = {"code": code, "message": message}
-    if details is not None:
-        body["details"] = details
+    """``{"error": {"code", "message", "details"}}`` with the given HTTP status.
+
+    ``details`` is always present (``{}`` when there is nothing to add).
+    """
+    body = {"code": code, "message": message, "details": {} if details is None else details}
     return JsonResponse({"error": body}, status=status)
 
 
-def api_user(request: HttpRequest) -> AbstractBaseUser | None:
-    """The authenticated caller, or None when anonymous.
+# --- tokens ---------------------------------------------------------------------------------
 
-    Raises ApiAuthError when a session caller fails the CSRF check.
+
+def token_hash(raw_token: str) -> str:
+    return hashlib.sha256(raw_token.encode()).hexdigest()
+
+
+def api_token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
+    """Create a token for ``user``. Returns the row and the raw token (shown once)."""
+    raw = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    token = ApiToken.objects.create(user=user, name=name, prefix=raw[:8], token_hash=token_hash(raw))
+    return token, raw
+
+
+def api_token_revoke(*, token: ApiToken) -> ApiToken:
+    """Revoke ``token`` (idempotent: a revoked token keeps its first revocation time)."""
+    if token.revoked_at is None:
+        now = timezone.now()
+        ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(revoked_at=now)
+        token.refresh_from_db(fields=["revoked_at"])
+    return token
+
+
+def _bearer_token(request: HttpRequest) -> str | None:
+    """The raw token from ``Authorization: Bearer ...``; "" if the header is malformed."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return value.strip()
+
+
+def _token_user(raw: str) -> AbstractBaseUser | None:
+    if not raw.startswith(TOKEN_PREFIX) or len(raw) > 200:
+        return None
+    digest = token_hash(raw)
+    token = (
+        ApiToken.objects.select_related("user")
+        .filter(token_hash=digest, revoked_at__isnull=True)
+        .first()
+    )
+    if token is None or not hmac.compare_digest(token.token_hash, digest):
+        return None
+    if not token.user.is_active:
+        return None
+    now = timezone.now()
+    if token.last_used_at is None or now - token.last_used_at >= LAST_USED_RESOLUTION:
+        # At most one write a minute per token, whatever the request rate.
+        ApiToken.objects.filter(pk=token.pk).filter(
+            Q(last_used_at__isnull=True) | Q(last_used_at__lte=now - LAST_USED_RESOLUTION)
+        ).update(last_used_at=now)
+    return token.user
+
+
+def api_user(request: HttpRequest) -> AbstractBaseUser | None:
+    """The authenticated caller, or None when anonymous (or the bearer token is bad).
+
+    A bearer token, when sent, decides alone (no fallback to the session). Sets
+    ``request.api_auth`` to "token" or "session". Raises ApiAuthError when a session
+    caller fails the CSRF check.
     """
-    # Hook: bearer tokens go here ("Authorization: Bearer ..."), checked before the
-    # session and exempt from CSRF since the browser never sends them on its own.
+    raw = _bearer_token(request)
+    if raw is not None:
+        user = _token_user(raw) if raw else None
+        if user is not None:
+            request.api_auth = "token"
+            request.user = user
+        return user
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         return None
     _enforce_csrf(request)
+    request.api_auth = "session"
     return user
 
 

@@ -88,7 +88,8 @@ else:
     DATABASES = {"default": ensure_running()}
     # Worker subprocesses started by tests join the test database.
     DATABASES["default"]["NAME"] = os.environ.get("PICSITE_DB_NAME", DATABASES["default"]["NAME"])
-DATABASES["default"].setdefault("TEST", {})
+# A distinct test database name lets several test sessions share one server.
+DATABASES["default"]["TEST"] = {"NAME": os.environ.get("PICSITE_TEST_DB_NAME", "test_picsite")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -134,6 +135,9 @@ PICSITE_WEBP_METHOD = env_int("PICSITE_WEBP_METHOD", 4)
 # Threads per AVIF encode; 0 = derive from cores and worker count.
 PICSITE_ENCODER_THREADS = env_int("PICSITE_ENCODER_THREADS", 0)
 PICSITE_FETCH_TIMEOUT_S = env_float("PICSITE_FETCH_TIMEOUT_S", 60)
+# Per-worker memory bound; images above the pixel threshold take the low-memory path.
+PICSITE_WORKER_MEMORY_MB = env_int("PICSITE_WORKER_MEMORY_MB", 512)
+PICSITE_LOW_MEMORY_PIXELS = env_int("PICSITE_LOW_MEMORY_PIXELS", 40_000_000)
 
 # Variant storage: "local" (default), "s3", or "none" (pipeline off).
 PICSITE_VARIANT_STORAGE = os.environ.get("PICSITE_VARIANT_STORAGE", "local")

@@ -33,8 +33,8 @@ from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.db.models import Sum
 from django.utils import timezone
-from gallery.imaging import CancelledError
 
+from gallery.imaging import CancelledError
 from tasks import registry
 from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
 from tasks.registry import (

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 from django.conf import settings
 from django.db import transaction
@@ -18,7 +19,7 @@ from django.utils import timezone
 
 from picsite.queue import BACKFILL_QUEUE, enqueue_many
 from tasks import engine, registry
-from tasks.models import AdminTaskBatch, AdminTaskRun, RunStatus
+from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +32,30 @@ def start_run_drains(*, run_id: int, parallelism: int | None = None) -> None:
 
 
 def drain_run_job(run_id: int) -> str:
-    try:
-        run = engine.kick(run_id=run_id, time_budget_s=settings.PICSITE_DRAIN_SLICE_S)
-    except engine.RunNotFound:
-        return "gone"
-    if run.status in RunStatus.runnable() and _has_claimable_work(run):
-        enqueue_many(DRAIN_FUNC, [(run_id,)], cluster=BACKFILL_QUEUE)
-        return "continued"
-    return run.status
+    slice_end = time.monotonic() + settings.PICSITE_DRAIN_SLICE_S
+    while True:
+        try:
+            run = engine.kick(run_id=run_id, time_budget_s=max(slice_end - time.monotonic(), 0.01))
+        except engine.RunNotFound:
+            return "gone"
+        if run.status not in RunStatus.runnable():
+            return run.status
+        if _has_claimable_work(run):
+            enqueue_many(DRAIN_FUNC, [(run_id,)], cluster=BACKFILL_QUEUE)
+            return "continued"
+        # Only retries in backoff are left: wait for the next one if it is due in this slice.
+        due = (
+            AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING, claimed=False)
+            .order_by("next_attempt_at")
+            .values_list("next_attempt_at", flat=True)
+            .first()
+        )
+        if due is None:
+            return run.status
+        wait = (due - timezone.now()).total_seconds()
+        if time.monotonic() + wait >= slice_end:
+            return "waiting"  # the scheduled tick resumes it
+        time.sleep(max(wait, 0.01))
 
 
 def _has_claimable_work(run: AdminTaskRun) -> bool:

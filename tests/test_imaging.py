@@ -67,7 +67,8 @@ def _expected_height(width: int, meta_w: int, meta_h: int) -> int:
 
 
 def _arr(im: Image.Image) -> np.ndarray:
-    return np.asarray(im, dtype=np.float64)
+    # int16 keeps differences exact and 12 Mpx comparisons cheap
+    return np.asarray(im, dtype=np.int16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +198,7 @@ def test_wide_gamut_converted_to_srgb(rel: str) -> None:
     got = _arr(decode_for_variants(_read(rel), max_pixels=MAX_PIXELS).convert("RGB"))
     assert got.shape == expected.shape
     err = np.abs(got - expected)
-    assert err.mean() < 0.5 and np.percentile(err, 99.9) <= 2, (err.mean(), err.max())
+    assert err.mean() < 0.5 and (err > 2).mean() < 0.001, (err.mean(), err.max())
     # ...and the conversion really did something, so this test can fail.
     untouched = np.abs(got - naive)
     assert untouched.mean() > 1.0 or untouched.max() >= 20, (untouched.mean(), untouched.max())
@@ -435,7 +436,7 @@ def test_gps_in_crafted_exif_is_validated() -> None:
     assert meta.gps_latitude == pytest.approx(48.85819, abs=1e-4)
     assert meta.gps_longitude == pytest.approx(-2.29450, abs=1e-4)
 
-    bad = dict(good, **{2: (_r(91), _r(0), _r(0))})
+    bad = {**good, 2: (_r(91), _r(0), _r(0))}
     meta = inspect_image(_jpeg_with_exif(bad), max_pixels=MAX_PIXELS)
     assert (meta.gps_latitude, meta.gps_longitude) == (None, None)
 
@@ -449,7 +450,7 @@ def test_gps_in_crafted_exif_is_validated() -> None:
         ({1: "N", 2: (10.0, 0.0, 0.0), 3: "E", 4: (181.0, 0.0, 0.0)}, (None, None)),
         ({1: "N", 2: (0.0, 0.0, 0.0), 3: "E", 4: (0.0, 0.0, 0.0)}, (None, None)),
         ({1: "X", 2: (10.0, 0.0, 0.0), 3: "E", 4: (10.0, 0.0, 0.0)}, (None, None)),
-        ({1: "N", 2: (_r(float("nan")), 0.0, 0.0), 3: "E", 4: (1.0,)}, (None, None)),
+        ({1: "N", 2: (float("nan"), 0.0, 0.0), 3: "E", 4: (1.0,)}, (None, None)),
         (
             {1: "N", 2: (TiffImagePlugin.IFDRational(1, 0), 0.0, 0.0), 3: "E", 4: (1.0,)},
             (None, None),

@@ -9,7 +9,12 @@ from PIL import Image as PILImage
 
 from gallery import imaging
 from gallery.models import Image
-from gallery.services import VariantGenerationError, image_ingest, preprocess_image, variant_recipe_current
+from gallery.services import (
+    VariantGenerationError,
+    image_ingest,
+    preprocess_image,
+    variant_recipe_current,
+)
 from gallery.storage import (
     CACHE_CONTROL,
     VariantStorageError,

@@ -7,7 +7,6 @@ and no camera; {"image_ids": [...]} = an explicit batch (up to 500).
 from __future__ import annotations
 
 from gallery.imaging import ImageRejected
-
 from gallery.models import Image
 from gallery.services import OriginalFetchError, image_refresh_metadata
 from tasks.registry import (

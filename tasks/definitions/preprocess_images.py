@@ -8,8 +8,8 @@ Scope: {} = missing or stale by recipe; {"stale": true} = only stale;
 from __future__ import annotations
 
 from django.db.models import Q
-from gallery.imaging import CancelledError
 
+from gallery.imaging import CancelledError
 from gallery.models import Image
 from gallery.services import (
     ImageBusy,

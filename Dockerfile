@@ -1,0 +1,78 @@
+# picsite: Django photo gallery + task-run engine, as one image for web and workers.
+#
+# Build:
+#   docker build -t picsite .
+#
+# Configure everything through the environment (see docs/configuration.md). In a container
+# DATABASE_URL is required: without it settings would start the embedded development
+# Postgres inside the container.
+#
+# Web (uvicorn, ASGI, port 8000):
+#   docker run -d -p 8000:8000 --env-file picsite.env -v picsite-media:/app/media picsite
+#   picsite.env at least: DATABASE_URL=postgres://user:pass@db:5432/picsite
+#                         DJANGO_SECRET_KEY=<long random string>
+#                         DJANGO_ALLOWED_HOSTS=photos.example.com,127.0.0.1,localhost
+#   (keep 127.0.0.1 in DJANGO_ALLOWED_HOSTS: the HEALTHCHECK requests /admin/login/ on it)
+#
+# Migrations and the tick schedule, once per release (before starting new workers):
+#   docker run --rm --env-file picsite.env picsite python manage.py migrate
+#
+# Workers (same image, no web server, so no healthcheck):
+#   uploads cluster:  docker run -d --no-healthcheck --env-file picsite.env \
+#                         -v picsite-media:/app/media picsite python manage.py qcluster
+#   backfill cluster: docker run -d --no-healthcheck --env-file picsite.env -e Q_CLUSTER_NAME=backfill \
+#                         -v picsite-media:/app/media picsite python manage.py qcluster
+#   Run as many of each as you like, on any number of hosts: batches + leases keep them
+#   from doing an item twice (docs/deployment.md). Workers read the originals, so every
+#   container needs the same media: one volume on one host, or shared storage / S3 variants
+#   (PICSITE_VARIANT_STORAGE=s3) across hosts.
+#
+# Serverless (no worker): run only the web container and have a scheduler POST a signed
+# tick to /api/v1/preprocess-tasks/tick every minute (docs/deployment.md).
+
+FROM python:3.11-slim AS builder
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+COPY requirements.lock /tmp/requirements.lock
+# Every pinned dependency ships a manylinux wheel: no compiler or apt packages needed.
+RUN /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.lock
+
+
+FROM python:3.11-slim
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    DJANGO_SETTINGS_MODULE=picsite.settings \
+    DJANGO_DEBUG=0 \
+    PICSITE_MEDIA_ROOT=/app/media \
+    PICSITE_STATIC_ROOT=/app/staticfiles \
+    PICSITE_LOG_LEVEL=INFO
+
+RUN groupadd --system --gid 10001 picsite \
+    && useradd --system --no-log-init --uid 10001 --gid picsite --home-dir /app --shell /usr/sbin/nologin picsite
+
+WORKDIR /app
+COPY --from=builder /opt/venv /opt/venv
+# Application code stays owned by root (read-only for the app user); see .dockerignore.
+COPY . /app
+
+# Static files are collected at build time and served by WhiteNoise. collectstatic does not
+# touch the database; the dummy DATABASE_URL only keeps settings from starting the embedded one.
+RUN DATABASE_URL=postgres://build@127.0.0.1:5432/build DJANGO_SECRET_KEY=collectstatic-only \
+        python manage.py collectstatic --noinput --verbosity 0 \
+    && mkdir -p /app/media \
+    && chown picsite:picsite /app/media
+
+USER 10001:10001
+
+EXPOSE 8000
+
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8000/admin/login/', timeout=4); sys.exit(0 if r.status == 200 else 1)"]
+
+CMD ["uvicorn", "picsite.asgi:application", "--host", "0.0.0.0", "--port", "8000"]

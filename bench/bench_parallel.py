@@ -1,0 +1,206 @@
+"""Parallel efficiency of the real preprocess-images task: W worker processes on C cores.
+
+    python bench/bench_parallel.py [--copies K] [--reuse-engine]
+
+The corpus photos are ingested once through ``image_ingest`` into a temporary MEDIA_ROOT
+(local variant storage below it), in a throwaway database. For W in 1, 2 a fresh
+preprocess-images run (default scope) is created and W separate OS processes
+(``python bench/bench_parallel.py --worker RUN_ID``) each call ``engine.kick`` on it. The
+workers start, set Django up and report "ready"; the clock starts when all are told "go" and
+stops at the last worker's end, so interpreter start-up is not counted. Each encode uses one
+thread (PICSITE_ENCODER_THREADS=1) so 2 workers on 2 cores do not oversubscribe.
+
+``efficiency = throughput(W=2) / (min(2, C) * throughput(W=1))``. bench_engine.py's
+``two_over_one_worker`` is the same measurement (``throughput(W=2) / throughput(W=1)``): with
+``--reuse-engine`` this script takes the raw figures bench_engine.py stored in results.json
+instead of measuring again (run_all.py does that).
+
+``--copies K`` (default 2) adds K-1 extra rows per photo that share its original file but
+have their own image_key (so their own variants): more items make the batch-granularity
+tail (batch size 4) a smaller share of the wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (puts the repo on sys.path)
+
+TASK_KEY = "preprocess-images"
+DEFAULT_COPIES = 2
+
+
+def worker_main(run_id: int) -> int:
+    import django
+
+    django.setup()
+    from django.db import connection
+
+    from tasks import engine
+
+    connection.ensure_connection()
+    print("ready", flush=True)
+    sys.stdin.readline()
+    start = time.time()
+    run = engine.kick(run_id=run_id)
+    end = time.time()
+    print(json.dumps({"start": start, "end": end, "status": run.status}), flush=True)
+    return 0
+
+
+# --- driver (inside bench_database / temp_media) --------------------------------------------
+
+
+def prepare_corpus(copies: int = DEFAULT_COPIES) -> int:
+    """Ingest the corpus and add copies-1 rows per photo; returns the number of rows."""
+    from gallery.models import Image
+
+    ids = _common.ingest_corpus()
+    originals = list(Image.objects.filter(pk__in=ids).order_by("pk"))
+    clones = []
+    for n in range(1, copies):
+        for img in originals:
+            clone = Image.objects.get(pk=img.pk)
+            clone.pk = None
+            clone.image_key = f"{img.image_key}-c{n}"
+            clones.append(clone)
+    Image.objects.bulk_create(clones)
+    return Image.objects.count()
+
+
+def reset_variants(media_root: Path) -> None:
+    from gallery.models import Image
+
+    Image.objects.update(
+        variants_ready=False, ready_max_width=0, variants_recipe="", variants_bytes=0, variants_error="",
+        processing_token="", processing_until=None,
+    )
+    shutil.rmtree(media_root / "v", ignore_errors=True)
+
+
+def measure(workers: int, media_root: Path) -> dict:
+    """Backfill every row with ``workers`` processes; items/s of wall time."""
+    from tasks import engine
+    from tasks.models import AdminTaskRun
+
+    reset_variants(media_root)
+    background = _common.wait_for_quiet()
+    run = engine.create(task_key=TASK_KEY, scope={})
+    env = dict(os.environ, PICSITE_ENCODER_THREADS="1", PYTHONPATH=str(_common.REPO))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(run.pk)],
+            cwd=_common.REPO, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        for _ in range(workers)
+    ]
+    for proc in procs:
+        line = proc.stdout.readline().strip()
+        if line != "ready":
+            raise RuntimeError(f"worker did not start: {line!r}")
+    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    with _common.CpuMeter() as meter:
+        go = time.time()
+        for proc in procs:
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        reports = []
+        for proc in procs:
+            out, _ = proc.communicate(timeout=1800)
+            if proc.returncode != 0:
+                raise RuntimeError(f"worker exited with {proc.returncode}")
+            reports.append(json.loads(out.strip().splitlines()[-1]))
+    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    run = AdminTaskRun.objects.get(pk=run.pk)
+    if run.status != "succeeded":
+        raise RuntimeError(f"run {run.pk} ended {run.status}: {run.last_error}")
+    seconds = max(r["end"] for r in reports) - go
+    result = {
+        "workers": workers,
+        "items": run.processed,
+        "succeeded": run.succeeded,
+        "skipped": run.skipped,
+        "failed": run.failed,
+        "seconds": round(seconds, 3),
+        "busy_seconds": round(run.busy_seconds, 3),
+        "items_per_s": round(run.processed / seconds, 4),
+        "worker_seconds": [round(r["end"] - go, 3) for r in reports],
+        # CPU-seconds: the workers (whole lifetime, incl. start-up) vs the whole machine
+        # during the timed part; a machine figure far above the workers' means other load.
+        "workers_cpu_s": round(workers_cpu, 2),
+        "machine_busy_cpu_s": round(meter.busy_cpu_s, 2),
+        "busy_before_start": background,
+    }
+    _common.log(f"[parallel] W={workers}: {result}")
+    return result
+
+
+def measure_one_and_two(copies: int = DEFAULT_COPIES) -> dict:
+    """Raw figures for W=1 and W=2 (sets up its own database and media)."""
+    with _common.temp_media() as media, _common.bench_database():
+        return run_measurements(media, copies)
+
+
+def run_measurements(media: Path, copies: int = DEFAULT_COPIES) -> dict:
+    """Raw figures for W=1 and W=2 inside an existing bench database + temp media."""
+    rows = prepare_corpus(copies)
+    one = measure(1, media)
+    two = measure(2, media)
+    return {
+        "rows": rows,
+        "copies": copies,
+        "photos": len(_common.corpus_photos()),
+        "encoder_threads": 1,
+        "cpus": os.cpu_count(),
+        "w1": one,
+        "w2": two,
+        "two_over_one": round(two["items_per_s"] / one["items_per_s"], 4),
+    }
+
+
+def summarize(raw: dict) -> dict:
+    cores = os.cpu_count() or 1
+    t1, t2 = raw["w1"]["items_per_s"], raw["w2"]["items_per_s"]
+    return {
+        "cores": cores,
+        "throughput_w1": t1,
+        "throughput_w2": t2,
+        "efficiency": round(t2 / (min(2, cores) * t1), 4),
+        "target": 0.85,
+        "raw": raw,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", type=int, metavar="RUN_ID", help=argparse.SUPPRESS)
+    parser.add_argument("--copies", type=int, default=DEFAULT_COPIES)
+    parser.add_argument("--reuse-engine", action="store_true",
+                        help="use bench_engine.py's W=1/W=2 figures from results.json if present")
+    args = parser.parse_args(argv)
+    if args.worker:
+        sys.exit(worker_main(args.worker))
+    raw = None
+    if args.reuse_engine:
+        raw = _common.load_results().get("engine", {}).get("two_over_one_detail")
+        if raw:
+            _common.log("[parallel] reusing bench_engine's W=1/W=2 measurement")
+    if not raw:
+        raw = measure_one_and_two(args.copies)
+    result = summarize(raw)
+    _common.merge_result("parallel", result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Run every benchmark, then print bench/results.json and a PASS/MISS table of the targets.
+
+    python bench/run_all.py [--only engine,scale] [--strict]      (``make bench``)
+
+Each bench runs as its own subprocess, in order, and merges its key into bench/results.json:
+bench_variants.py ("variants"), bench_engine.py ("engine"), bench_scale.py ("scale"),
+bench_parallel.py ("parallel", reusing bench_engine's W=1/W=2 measurement), bench_memory.py
+("memory"). A bench that crashes is reported and the rest still run. Exit status: 1 if a
+bench crashed, or with --strict if a target was missed; else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results.json"
+
+BENCHES: list[tuple[str, list[str]]] = [
+    ("variants", ["bench_variants.py"]),
+    ("engine", ["bench_engine.py"]),
+    ("scale", ["bench_scale.py"]),
+    ("parallel", ["bench_parallel.py", "--reuse-engine"]),
+    ("memory", ["bench_memory.py"]),
+]
+
+# (results key, field, comparison, threshold, note)
+TARGETS: list[tuple[str, str, str, object, str]] = [
+    ("engine", "noop_items_per_s", ">=", 1000, "engine bookkeeping, no-op items/s"),
+    ("engine", "noop_over_bare", ">=", 0.5, "no-op kick vs bare UPDATE loop"),
+    ("engine", "two_over_one_worker", ">=", 1.7, "preprocess backfill, 2 workers / 1"),
+    ("scale", "within_20pct", "==", True, "no-op items/s at 10k/100k/1M within 20%"),
+    ("scale", "preview_ms_1m", "<", 50, "preview count at 1M rows"),
+    ("scale", "runs_ms_1m", "<", 50, "GET runs work at 1M rows"),
+    ("scale", "seq_scan_on_image", "==", False, "no Seq Scan on gallery_image"),
+    ("scale", "next_batch_preprocess_ms_1m", "<", 50, "(extra) preprocess keyset claim at 1M"),
+    ("parallel", "efficiency", ">=", 0.85, "T(W=2) / (min(2,C) * T(W=1)); 0.85 = 1.7 on 2 cores"),
+    ("memory", "within_bound", "==", True, "every peak RSS <= bound_mb"),
+]
+
+OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}
+
+
+def run(only: set[str] | None) -> dict[str, str]:
+    status = {}
+    for key, cmd in BENCHES:
+        if only and key not in only:
+            continue
+        print(f"\n=== {key}: {' '.join(cmd)}", flush=True)
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, str(BENCH / cmd[0]), *cmd[1:]], check=False)
+        took = time.monotonic() - started
+        status[key] = f"ok ({took:.0f}s)" if proc.returncode == 0 else f"CRASHED (exit {proc.returncode}, {took:.0f}s)"
+        print(f"=== {key}: {status[key]}", flush=True)
+    return status
+
+
+def table(results: dict) -> tuple[list[str], int]:
+    lines = [f"{'target':44s} {'value':>14s}  {'goal':>10s}  result"]
+    misses = 0
+    for key, field, op, threshold, note in TARGETS:
+        value = results.get(key, {}).get(field)
+        if value is None:
+            verdict, shown = "MISSING", "-"
+        else:
+            ok = OPS[op](value, threshold)
+            verdict = "PASS" if ok else "MISS"
+            misses += not ok
+            shown = str(value)
+        lines.append(f"{key + '.' + field:44s} {shown:>14s}  {op + ' ' + str(threshold):>10s}  {verdict}   {note}")
+    variants = results.get("variants")
+    if isinstance(variants, dict):
+        for field, goal in (variants.get("targets") or {}).items():
+            lines.append(f"{'variants.' + field:44s} {str(variants.get(field)):>14s}  {str(goal):>10s}  (see bench_variants)")
+        if not variants.get("targets"):
+            info = {k: variants.get(k) for k in ("pipeline_over_naive", "quality_delta", "bytes_over_naive", "peak_rss_mb")}
+            lines.append(f"variants (no targets recorded): {info}")
+    return lines, misses
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", help="comma-separated subset: " + ",".join(k for k, _ in BENCHES))
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    started = time.monotonic()
+    status = run(only)
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    print("\n=== bench/results.json")
+    print(json.dumps(results, indent=2))
+    lines, misses = table(results)
+    print(f"\n=== targets (total {time.monotonic() - started:.0f}s)")
+    for name, state in status.items():
+        print(f"  {name}: {state}")
+    print("\n".join(lines))
+    crashed = any(not s.startswith("ok") for s in status.values())
+    return 1 if crashed or (args.strict and misses) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,505 @@
+"""Run a task from the command line: create a run (or adopt the active one) and drain
+it in this process with ``engine.kick``.
+
+The management commands (``preprocess_backfill``, ``metadata_refresh``, ``taskrun``)
+only parse arguments and call ``run_cli``. Exit codes:
+
+0  the run succeeded (individual items may still have failed; they are listed),
+   or there was nothing to do, or a dry run
+1  the run failed, was cancelled (Ctrl-C cancels it), paused on its budget, stalled,
+   or the task cannot run here (e.g. variant storage not configured)
+2  usage error: unknown task, bad ids, conflicting flags, invalid scope or budget
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TextIO
+
+from django.utils import timezone
+
+from tasks import engine, registry
+from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PLAIN_EVERY_S = 2.0
+TTY_BAR_WIDTH = 28
+MAX_FAILED_LISTED = 50
+
+
+class UsageError(ValueError):
+    """Bad command-line input (exit code 2)."""
+
+
+# --- argument helpers (shared by the management commands) --------------------------------
+
+
+def parse_ids(values: list[str] | str | None) -> list[int] | None:
+    """``["1,2", "3"]`` or ``"1, 2 3"`` -> [1, 2, 3]; None when not given."""
+    if values is None:
+        return None
+    if isinstance(values, str):
+        values = [values]
+    ids: list[int] = []
+    for value in values:
+        for token in value.replace(",", " ").split():
+            if not token.isdigit() or int(token) <= 0:
+                raise UsageError(f"--ids takes positive integer ids separated by commas, not {token!r}")
+            ids.append(int(token))
+    if not ids:
+        raise UsageError("--ids needs at least one id")
+    return list(dict.fromkeys(ids))
+
+
+def parse_json_object(text: str | None, *, what: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} is not valid JSON: {exc.msg} (at character {exc.pos})") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} must be a JSON object, e.g. '{{}}'")
+    return value
+
+
+def budget_from_flags(*, items: int | None, seconds: float | None, bytes_: int | None) -> dict | None:
+    budget = {k: v for k, v in (("items", items), ("seconds", seconds), ("bytes", bytes_)) if v is not None}
+    return budget or None
+
+
+# --- output -----------------------------------------------------------------------------
+
+
+def _write(stream: TextIO, text: str) -> None:
+    # Django's OutputWrapper appends a newline unless told not to; progress needs \r.
+    try:
+        stream.write(text, ending="")  # type: ignore[call-arg]
+    except TypeError:
+        stream.write(text)
+    with contextlib.suppress(AttributeError, ValueError):
+        stream.flush()
+
+
+def _line(stream: TextIO, text: str) -> None:
+    _write(stream, text + "\n")
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "--:--"
+    seconds = max(0, int(round(seconds)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+class _Progress:
+    """One updating bar line on a TTY; plain lines at most every 2 s otherwise."""
+
+    def __init__(self, stdout: TextIO, *, is_tty: bool, clock: Callable[[], float]):
+        self.stdout = stdout
+        self.is_tty = is_tty
+        self.clock = clock
+        self.last_plain = None
+        self.bar_open = False
+        self.width = 0
+
+    def update(self, run: AdminTaskRun, *, force: bool = False) -> None:
+        p = engine.progress(run)
+        rate = p["items_per_second"]
+        eta = _fmt_duration(p["eta_seconds"]) if run.status in RunStatus.runnable() else "--:--"
+        counts = f"{run.processed}/{run.total}"
+        if self.is_tty:
+            filled = int(TTY_BAR_WIDTH * min(p["percent"], 100.0) / 100)
+            bar = "#" * filled + "-" * (TTY_BAR_WIDTH - filled)
+            text = f"[{bar}] {counts} {p['percent']:5.1f}%  {rate:.2f} items/s  ETA {eta}"
+            if run.failed:
+                text += f"  failed {run.failed}"
+            pad = max(0, self.width - len(text))
+            self.width = len(text)
+            _write(self.stdout, "\r" + text + " " * pad)
+            self.bar_open = True
+            return
+        now = self.clock()
+        if force or self.last_plain is None or now - self.last_plain >= PLAIN_EVERY_S:
+            self.last_plain = now
+            _line(
+                self.stdout,
+                f"run #{run.pk} {run.status}: {counts} ({p['percent']:.1f}%), {rate:.2f} items/s, ETA {eta}"
+                f" - succeeded {run.succeeded}, skipped {run.skipped}, failed {run.failed}",
+            )
+
+    def close(self) -> None:
+        if self.bar_open:
+            _write(self.stdout, "\n")
+            self.bar_open = False
+
+
+# --- the command ------------------------------------------------------------------------
+
+
+def run_cli(
+    *,
+    task_key: str,
+    scope: dict | None,
+    budget: dict | None,
+    dry_run: bool,
+    stdout: TextIO,
+    stderr: TextIO,
+    is_tty: bool,
+    stall_seconds: float = 60.0,
+    kick_seconds: float = 2.0,
+    idle_sleep: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Create (or adopt) a run of ``task_key`` and drain it here. Returns the exit code.
+
+    ``budget`` None means "not given" (an adopted run keeps its own); ``{}`` clears it.
+    """
+    scope = {} if scope is None else scope
+    try:
+        defn = registry.get(task_key)
+    except registry.UnknownTask:
+        known = ", ".join(d.key for d in registry.all_definitions() if not d.key.startswith("test-"))
+        _line(stderr, f"error: unknown task {task_key!r} (known: {known})")
+        return EXIT_USAGE
+    try:
+        preview = engine.preview_count(task_key=task_key, scope=scope)
+        clean_budget = engine.normalize_budget(budget) if budget is not None else None
+    except (engine.InvalidScope, engine.InvalidBudget) as exc:
+        _line(stderr, f"error: {exc.message}")
+        return EXIT_USAGE
+    except engine.EngineError as exc:
+        _line(stderr, f"error: {exc.message}")
+        return EXIT_USAGE
+
+    active = AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).first()
+    if dry_run:
+        return _dry_run(defn, preview, clean_budget, active, stdout)
+
+    run, code = _create_or_adopt(task_key, scope, preview, clean_budget, active, stdout, stderr)
+    if run is None:
+        return code
+    return _drain(
+        run,
+        stdout=stdout,
+        stderr=stderr,
+        is_tty=is_tty,
+        stall_seconds=stall_seconds,
+        kick_seconds=kick_seconds,
+        idle_sleep=idle_sleep,
+        clock=clock,
+        sleep=sleep,
+    )
+
+
+def _dry_run(defn, preview: engine.Preview, budget: dict | None, active, stdout) -> int:
+    est = preview.estimate
+    _line(stdout, f"Dry run: {defn.title} ({defn.key})")
+    _line(stdout, f"  scope: {json.dumps(preview.scope)}")
+    _line(stdout, f"  {preview.count} items would be processed")
+    if preview.count:
+        parts = [f"about {_fmt_duration(est.get('cpu_seconds'))} of processing"]
+        if est.get("bytes"):
+            parts.append(f"{_fmt_bytes(est['bytes'])} written")
+        if est.get("object_writes"):
+            parts.append(f"{est['object_writes']} object writes")
+        if "money" in est:
+            parts.append(f"about ${est['money']:.4f}")
+        basis = "recent runs" if est.get("basis") == "history" else "default per-item costs"
+        _line(stdout, f"  estimate: {', '.join(parts)} (from {basis})")
+    if budget:
+        _line(stdout, f"  budget: {json.dumps(budget)}")
+    if active is not None:
+        _line(stdout, f"  note: run #{active.pk} is {active.status}; a real run would adopt it")
+    _line(stdout, "Nothing was created.")
+    return EXIT_OK
+
+
+def _create_or_adopt(task_key, scope, preview, budget, active, stdout, stderr) -> tuple[AdminTaskRun | None, int]:
+    for _ in range(2):
+        if active is None:
+            try:
+                run = engine.create(task_key=task_key, scope=scope, budget=budget)
+            except engine.EmptyScope:
+                _line(stdout, f"Nothing to do: no items match the scope {json.dumps(preview.scope)}.")
+                return None, EXIT_OK
+            except engine.StorageNotConfigured as exc:
+                _line(stderr, f"error: {exc.message}")
+                return None, EXIT_FAILED
+            except engine.RunAlreadyActive:
+                # Someone started one between our look and our create: adopt it.
+                active = AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).first()
+                continue
+            except engine.EngineError as exc:
+                _line(stderr, f"error: {exc.message}")
+                return None, EXIT_USAGE
+            _line(stdout, f"Created run #{run.pk} of {task_key}: {run.total} items, scope {json.dumps(run.scope)}"
+                  + (f", budget {json.dumps(run.budget)}" if run.budget else ""))
+            return run, EXIT_OK
+        run = active
+        _line(
+            stdout,
+            f"Adopting active run #{run.pk} of {task_key} ({run.status}, {run.processed}/{run.total} done, "
+            f"scope {json.dumps(run.scope)}); it keeps its own scope.",
+        )
+        if preview.scope != run.scope:
+            _line(stdout, f"  note: the scope you asked for ({json.dumps(preview.scope)}) is not used.")
+        if budget is not None and budget != (run.budget or {}):
+            try:
+                run = engine.set_budget(run_id=run.pk, budget=budget)
+            except engine.EngineError as exc:
+                _line(stderr, f"error: {exc.message}")
+                return None, EXIT_USAGE
+            _line(stdout, f"  budget set to {json.dumps(run.budget) if run.budget else 'none'} (was {json.dumps(active.budget or {})})")
+        return run, EXIT_OK
+    _line(stderr, f"error: could not create or adopt a run of {task_key}")
+    return None, EXIT_FAILED
+
+
+def _waiting_on_backoff(run: AdminTaskRun) -> float | None:
+    """Seconds until the next retry is due, when the run only waits on retry backoff."""
+    if run.status not in RunStatus.runnable():
+        return None
+    now = timezone.now()
+    nxt = (
+        AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING, claimed=False, next_attempt_at__gt=now)
+        .order_by("next_attempt_at")
+        .values_list("next_attempt_at", flat=True)
+        .first()
+    )
+    if nxt is None:
+        return None
+    return max(0.0, (nxt - now).total_seconds())
+
+
+def _release_own_batches(run_id: int, owner: str) -> None:
+    """After Ctrl-C: hand our unfinished batches back so cancel can finish at once."""
+    AdminTaskBatch.objects.filter(run_id=run_id, lease_owner=owner).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+
+
+def _drain(
+    run: AdminTaskRun,
+    *,
+    stdout,
+    stderr,
+    is_tty: bool,
+    stall_seconds: float,
+    kick_seconds: float,
+    idle_sleep: float,
+    clock,
+    sleep,
+) -> int:
+    owner = f"cli-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    bar = _Progress(stdout, is_tty=is_tty, clock=clock)
+    last_processed = run.processed
+    last_change = clock()
+    try:
+        bar.update(run, force=True)
+        while True:
+            started = clock()
+            run = engine.kick(run_id=run.pk, time_budget_s=kick_seconds, owner=owner)
+            bar.update(run)
+            if run.status in RunStatus.finished() or run.status == RunStatus.PAUSED:
+                break
+            now = clock()
+            if run.processed != last_processed:
+                last_processed, last_change = run.processed, now
+                continue
+            wait = _waiting_on_backoff(run)
+            if wait is not None and not _fresh_work(run):
+                # Retries are due later: not a stall, just wait for the earliest one.
+                last_change = now
+                sleep(min(max(wait, 0.05), 1.0))
+                continue
+            if now - last_change >= stall_seconds:
+                bar.close()
+                _stalled(run, now - last_change, stderr)
+                return EXIT_FAILED
+            if now - started < idle_sleep:
+                sleep(idle_sleep)  # nothing claimable right now (another worker holds it)
+    except KeyboardInterrupt:
+        bar.close()
+        return _interrupted(run.pk, owner, stdout, stderr)
+    bar.close()
+    return _summary(run, stdout)
+
+
+def _fresh_work(run: AdminTaskRun) -> bool:
+    defn = registry.get(run.task_key)
+    if AdminTaskBatch.objects.filter(run=run).exists():
+        return True
+    return defn.scope_queryset(run.scope).filter(pk__gt=run.cursor, pk__lte=run.max_item_id).exists()
+
+
+def _stalled(run: AdminTaskRun, seconds: float, stderr) -> None:
+    live = AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=timezone.now()).order_by("lease_expires_at")
+    holder = live.first()
+    _line(
+        stderr,
+        f"run #{run.pk} made no progress for {seconds:.0f}s (stuck at {run.processed}/{run.total}, status {run.status}).",
+    )
+    if holder is not None:
+        _line(
+            stderr,
+            f"  a batch is leased by {holder.lease_owner!r} until {holder.lease_expires_at:%Y-%m-%d %H:%M:%S} UTC; "
+            "if that worker is dead the run resumes once the lease expires.",
+        )
+    _line(stderr, f"  the run was left {run.status}; run this command again to adopt it, or cancel it from /admin/tasks/.")
+
+
+def _interrupted(run_id: int, owner: str, stdout, stderr) -> int:
+    _line(stdout, f"Interrupted: cancelling run #{run_id} ...")
+    try:
+        _release_own_batches(run_id, owner)
+        run = engine.cancel(run_id=run_id)
+    except engine.InvalidTransition:
+        run = AdminTaskRun.objects.get(pk=run_id)
+        _line(stdout, f"run #{run_id} had already {run.status}.")
+        return _summary(run, stdout)
+    if run.status == RunStatus.CANCELLED:
+        _line(stdout, f"cancelled run #{run_id} ({run.processed}/{run.total} processed).")
+    else:
+        _line(stdout, f"cancelled run #{run_id}: it is {run.status}; other workers stop at their next check.")
+    return EXIT_FAILED
+
+
+def _summary(run: AdminTaskRun, stdout) -> int:
+    run.refresh_from_db()
+    p = engine.progress(run)
+    _line(
+        stdout,
+        f"Run #{run.pk} {run.status}: {run.processed}/{run.total} processed in {_fmt_duration(p['elapsed_seconds'])} - "
+        f"succeeded {run.succeeded}, skipped {run.skipped}, failed {run.failed}.",
+    )
+    failed = list(
+        AdminTaskItem.objects.filter(run=run, state=ItemState.FAILED).order_by("item_id")[: MAX_FAILED_LISTED + 1]
+    )
+    if failed:
+        _line(stdout, "Failed items:")
+        for item in failed[:MAX_FAILED_LISTED]:
+            _line(
+                stdout,
+                f"  item {item.item_id}: {item.last_error_stage}/{item.last_error_code} - {item.last_error_message[:200]}"
+                f" (after {item.attempts} attempt{'s' if item.attempts != 1 else ''})",
+            )
+        if len(failed) > MAX_FAILED_LISTED:
+            _line(stdout, f"  ... and more; see /admin/tasks/ for run #{run.pk}.")
+    if run.status == RunStatus.SUCCEEDED:
+        if run.failed:
+            _line(stdout, "Some items failed: retry them from /admin/tasks/ (Retry failed) or with a failed-only scope.")
+        return EXIT_OK
+    if run.status == RunStatus.PAUSED:
+        reason = next((i.get("message") for i in run.recent_issues or [] if i.get("code") == "budget"), "")
+        _line(
+            stdout,
+            f"Run #{run.pk} is paused: its budget {json.dumps(run.budget)} is reached"
+            + (f" ({reason})" if reason else "")
+            + ".",
+        )
+        _line(
+            stdout,
+            "  To go on, raise the budget: run this command again with a larger --budget-items/--budget-seconds/"
+            f"--budget-bytes (or `manage.py taskrun {run.task_key} --budget '{{...}}'`); it adopts run #{run.pk} "
+            "and resumes it. Or cancel it from /admin/tasks/.",
+        )
+        return EXIT_FAILED
+    if run.last_error:
+        _line(stdout, f"Error: {run.last_error}")
+    return EXIT_FAILED
+
+
+# --- glue for the management commands ------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def add_budget_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("budget (the run pauses when the next item would exceed it)")
+    group.add_argument("--budget-items", type=_positive_int, metavar="N", help="process at most N items")
+    group.add_argument("--budget-seconds", type=_positive_float, metavar="S", help="at most S seconds of processing")
+    group.add_argument("--budget-bytes", type=_positive_int, metavar="B", help="write at most B bytes")
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true", help="print the item count and estimate; create nothing")
+    parser.add_argument(
+        "--stall-seconds",
+        type=_positive_float,
+        default=60.0,
+        metavar="S",
+        help="give up (exit 1) when the run makes no progress for S seconds (default 60)",
+    )
+
+
+def add_ids_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ids",
+        action="append",
+        metavar="1,2,3",
+        help="an explicit batch of image ids (comma-separated; may be given more than once)",
+    )
+
+
+def budget_from_options(options: dict) -> dict | None:
+    return budget_from_flags(
+        items=options.get("budget_items"), seconds=options.get("budget_seconds"), bytes_=options.get("budget_bytes")
+    )
+
+
+def run_command(command, *, task_key: str, scope: dict, budget: dict | None, options: dict) -> None:
+    """Run and turn a non-zero result into SystemExit (manage.py exits with it)."""
+    code = run_cli(
+        task_key=task_key,
+        scope=scope,
+        budget=budget,
+        dry_run=bool(options.get("dry_run")),
+        stdout=command.stdout,
+        stderr=command.stderr,
+        is_tty=command.stdout.isatty(),
+        stall_seconds=options.get("stall_seconds") or 60.0,
+    )
+    if code:
+        raise SystemExit(code)
+
+
+def usage_exit(command, message: str) -> None:
+    _line(command.stderr, f"error: {message}")
+    raise SystemExit(EXIT_USAGE)

@@ -1,0 +1,72 @@
+"""The per-upload django-q2 job: success, a visible reason on failure, retries with
+exponential backoff, and stepping aside while a backfill holds the image."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+from django_q.models import Schedule
+
+from gallery.jobs import generate_variants_job, upload_retry_delay
+from gallery.models import Image
+from gallery.services import _claim, image_ingest
+
+pytestmark = pytest.mark.django_db
+
+PHOTO = "photos/flower_exif_icc.webp"
+
+
+@pytest.fixture
+def image(corpus, local_storage):
+    return image_ingest(data=(corpus / PHOTO).read_bytes(), filename="flower.webp").image
+
+
+def test_job_generates_variants(image):
+    assert generate_variants_job(image.pk) == "ready"
+    image.refresh_from_db()
+    assert image.variants_ready and image.ready_max_width == 300 and image.variants_attempts == 1
+
+
+def test_storage_failure_leaves_reason_and_schedules_backoff_retry(image, settings, variant_root):
+    variant_root.parent.mkdir(parents=True, exist_ok=True)
+    variant_root.write_bytes(b"")  # a file where the folder should be: every put fails (even as root)
+    before = timezone.now()
+    assert generate_variants_job(image.pk, 1) == "retrying"
+    image.refresh_from_db()
+    assert not image.variants_ready
+    assert image.variants_error.startswith("upload/variant_upload_failed")
+    retry = Schedule.objects.get(func="gallery.jobs.generate_variants_job")
+    assert retry.args == f"{image.pk},2"
+    delay = (retry.next_run - before).total_seconds()
+    assert settings.PICSITE_UPLOAD_RETRY_BASE_S * 0.8 <= delay <= settings.PICSITE_UPLOAD_RETRY_BASE_S * 1.2 + 1
+
+
+def test_gives_up_after_max_attempts(image, settings):
+    settings.PICSITE_VARIANT_STORAGE = "s3"
+    settings.PICSITE_S3_BUCKET = ""
+    assert generate_variants_job(image.pk, settings.PICSITE_UPLOAD_MAX_ATTEMPTS) == "storage_not_configured"
+    assert "PICSITE_S3_BUCKET" in Image.objects.get(pk=image.pk).variants_error
+    assert not Schedule.objects.exists()
+
+
+def test_undecodable_original_is_not_retried(image, media_root, corpus):
+    (media_root / image.original.name).write_bytes((corpus / "bad/corrupt_header.jpg").read_bytes())
+    assert generate_variants_job(image.pk) == "failed"
+    assert Image.objects.get(pk=image.pk).variants_error.startswith("decode/")
+    assert not Schedule.objects.exists()
+
+
+def test_busy_image_is_left_to_the_backfill_and_checked_later(image):
+    _claim(image.pk, seconds=60)
+    assert generate_variants_job(image.pk, 1) == "busy"
+    retry = Schedule.objects.get()
+    assert retry.args == f"{image.pk},1"  # a busy image does not use up an attempt
+    assert retry.next_run > timezone.now() - timedelta(seconds=1)
+
+
+def test_backoff_grows_exponentially(settings):
+    settings.PICSITE_UPLOAD_RETRY_BASE_S = 10
+    assert 8 <= upload_retry_delay(1) <= 12
+    assert 32 <= upload_retry_delay(3) <= 48
