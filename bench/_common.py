@@ -214,7 +214,7 @@ def cpu_busy_fraction(seconds: float = 1.0) -> float:
     return (b1 - b0) / max(t1 - t0, 1)
 
 
-def wait_for_quiet(threshold: float = 0.2, max_wait_s: float = 180) -> float:
+def wait_for_quiet(threshold: float = 0.2, max_wait_s: float = 60) -> float:
     """Wait (up to max_wait_s) until other processes leave the CPUs mostly idle.
 
     Returns the last measured busy fraction so a result can say it was taken on a busy box.

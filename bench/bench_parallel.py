@@ -8,7 +8,10 @@ preprocess-images run (default scope) is created and W separate OS processes
 (``python bench/bench_parallel.py --worker RUN_ID``) each call ``engine.kick`` on it. The
 workers start, set Django up and report "ready"; the clock starts when all are told "go" and
 stops at the last worker's end, so interpreter start-up is not counted. Each encode uses one
-thread (PICSITE_ENCODER_THREADS=1) so 2 workers on 2 cores do not oversubscribe.
+thread (PICSITE_ENCODER_THREADS=1) so 2 workers on 2 cores do not oversubscribe. On a shared
+machine other jobs steal CPU: each phase waits (up to a minute) for the CPUs to go quiet, and
+a phase whose workers got under 85% of their CPUs' time is measured again (at most 3 times;
+the fastest counts, every attempt is recorded).
 
 ``efficiency = throughput(W=2) / (min(2, C) * throughput(W=1))``. bench_engine.py's
 ``two_over_one_worker`` is the same measurement (``throughput(W=2) / throughput(W=1)``): with
@@ -50,11 +53,18 @@ def worker_main(run_id: int) -> int:
     connection.ensure_connection()
     print("ready", flush=True)
     sys.stdin.readline()
+    cpu0 = _cpu_self()
     start = time.time()
     run = engine.kick(run_id=run_id)
     end = time.time()
-    print(json.dumps({"start": start, "end": end, "status": run.status}), flush=True)
+    print(json.dumps({"start": start, "end": end, "status": run.status, "cpu_s": _cpu_self() - cpu0}),
+          flush=True)
     return 0
+
+
+def _cpu_self() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # all threads of this process
+    return usage.ru_utime + usage.ru_stime
 
 
 # --- driver (inside bench_database / temp_media) --------------------------------------------
@@ -87,7 +97,27 @@ def reset_variants(media_root: Path) -> None:
     shutil.rmtree(media_root / "v", ignore_errors=True)
 
 
+# A measurement whose workers got less than this share of their CPUs (other jobs on a shared
+# machine) is repeated, up to MAX_ATTEMPTS times in all; the fastest one is kept.
+MIN_UTILIZATION = 0.85
+MAX_ATTEMPTS = 3
+
+
 def measure(workers: int, media_root: Path) -> dict:
+    """``measure_once``, repeated while other load on the machine disturbed it."""
+    attempts = []
+    for _ in range(MAX_ATTEMPTS):
+        attempts.append(measure_once(workers, media_root))
+        if attempts[-1]["cpu_utilization"] >= MIN_UTILIZATION:
+            break
+        _common.log(f"[parallel] W={workers} disturbed (utilization {attempts[-1]['cpu_utilization']}); again")
+    best = max(attempts, key=lambda r: r["items_per_s"])
+    best["attempts"] = len(attempts)
+    best["attempt_items_per_s"] = [r["items_per_s"] for r in attempts]
+    return best
+
+
+def measure_once(workers: int, media_root: Path) -> dict:
     """Backfill every row with ``workers`` processes; items/s of wall time."""
     from tasks import engine
     from tasks.models import AdminTaskRun
@@ -107,7 +137,6 @@ def measure(workers: int, media_root: Path) -> dict:
         line = proc.stdout.readline().strip()
         if line != "ready":
             raise RuntimeError(f"worker did not start: {line!r}")
-    children0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     with _common.CpuMeter() as meter:
         go = time.time()
         for proc in procs:
@@ -119,8 +148,7 @@ def measure(workers: int, media_root: Path) -> dict:
             if proc.returncode != 0:
                 raise RuntimeError(f"worker exited with {proc.returncode}")
             reports.append(json.loads(out.strip().splitlines()[-1]))
-    children1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    workers_cpu = (children1.ru_utime + children1.ru_stime) - (children0.ru_utime + children0.ru_stime)
+    workers_cpu = sum(r["cpu_s"] for r in reports)
     run = AdminTaskRun.objects.get(pk=run.pk)
     if run.status != "succeeded":
         raise RuntimeError(f"run {run.pk} ended {run.status}: {run.last_error}")
@@ -135,10 +163,12 @@ def measure(workers: int, media_root: Path) -> dict:
         "busy_seconds": round(run.busy_seconds, 3),
         "items_per_s": round(run.processed / seconds, 4),
         "worker_seconds": [round(r["end"] - go, 3) for r in reports],
-        # CPU-seconds: the workers (whole lifetime, incl. start-up) vs the whole machine
-        # during the timed part; a machine figure far above the workers' means other load.
+        # CPU-seconds of the workers' kicks vs the whole machine during the timed part;
+        # utilization = workers' CPU / (wall x workers): well under 1 means they waited
+        # for a CPU (other load) or for the database.
         "workers_cpu_s": round(workers_cpu, 2),
         "machine_busy_cpu_s": round(meter.busy_cpu_s, 2),
+        "cpu_utilization": round(workers_cpu / (seconds * workers), 3),
         "busy_before_start": background,
     }
     _common.log(f"[parallel] W={workers}: {result}")

@@ -238,6 +238,7 @@ def bench(out: Path, limit: int | None) -> dict:
     totals.update({"pipeline_bytes": 0, "naive_bytes": 0})
     quality = {"pipeline": [], "naive": []}
     rss = {"pipeline": 0.0, "naive": 0.0}
+    by_format = {k: {f: {"ssim": [], "bytes": 0} for f in FORMATS} for k in ("pipeline", "naive")}
     for path in photo_paths(limit):
         with tempfile.TemporaryDirectory(prefix="bench_variants_") as tmp:
             runs = {kind: spawn_worker(kind, path, tmp) for kind in ("pipeline", "naive")}
@@ -247,13 +248,23 @@ def bench(out: Path, limit: int | None) -> dict:
                 scores = [score_blob(refs, Path(f["path"]).read_bytes()) for f in run["files"]]
                 q = sum(scores) / len(scores)
                 nbytes = sum(f["bytes"] for f in run["files"])
+                fmt_scores: dict[str, list[float]] = {}
+                fmt_bytes: dict[str, int] = {}
+                for f, score in zip(run["files"], scores, strict=True):
+                    fmt_scores.setdefault(f["format"], []).append(score)
+                    fmt_bytes[f["format"]] = fmt_bytes.get(f["format"], 0) + f["bytes"]
                 row[kind] = {
                     "seconds": round(run["seconds"], 3),
                     "peak_rss_mb": round(run["peak_rss_mb"], 1),
                     "bytes": nbytes,
                     "ssim": round(q, 5),
+                    "ssim_by_format": {k: round(sum(v) / len(v), 5) for k, v in fmt_scores.items()},
+                    "bytes_by_format": fmt_bytes,
                     "tiers": sorted({f["width"] for f in run["files"]}),
                 }
+                for fmt, values in fmt_scores.items():
+                    by_format[kind][fmt]["ssim"].append(sum(values) / len(values))
+                    by_format[kind][fmt]["bytes"] += fmt_bytes[fmt]
                 totals[f"{kind}_seconds"] += run["seconds"]
                 totals[f"{kind}_bytes"] += nbytes
                 quality[kind].append(q)
@@ -288,6 +299,13 @@ def bench(out: Path, limit: int | None) -> dict:
         "bytes_over_naive": round(totals["pipeline_bytes"] / totals["naive_bytes"], 4),
         "peak_rss_mb": round(rss["pipeline"], 1),
         "naive_peak_rss_mb": round(rss["naive"], 1),
+        "by_format": {
+            kind: {
+                fmt: {"ssim": round(sum(v["ssim"]) / len(v["ssim"]), 5), "bytes": v["bytes"]}
+                for fmt, v in fmts.items()
+            }
+            for kind, fmts in by_format.items()
+        },
         "totals": {k: round(v, 3) if isinstance(v, float) else v for k, v in totals.items()},
         "per_photo": per_photo,
     }

@@ -161,7 +161,7 @@ class VariantRecipe:
     avif_quality: int = 55
     avif_speed: int = 9
     webp_quality: int = 75
-    webp_method: int = 4
+    webp_method: int = 2
     encoder_threads: int = 0  # 0 = auto
 
     def __post_init__(self) -> None:
@@ -666,6 +666,16 @@ def _metadata(im: Image.Image, width: int, height: int) -> PhotoMetadata:
     orientation = _orientation_from(exif)
     if orientation >= 5:
         width, height = height, width
+    try:
+        return _describe(im, exif, width, height, orientation)
+    except Exception:
+        # Odd EXIF must never cost the upload: keep what is certain, drop the optional bits.
+        return _describe(im, Image.Exif(), width, height, orientation)
+
+
+def _describe(
+    im: Image.Image, exif: Image.Exif, width: int, height: int, orientation: int
+) -> PhotoMetadata:
     sub = _safe_ifd(exif, ExifTags.IFD.Exif)
     taken_at = _exif_datetime(
         sub.get(ExifTags.Base.DateTimeOriginal),
@@ -765,9 +775,16 @@ def _srgb_transform(icc: bytes, mode: str) -> ImageCms.ImageCmsTransform | None:
         return None  # unreadable profile: treat pixels as sRGB rather than reject the photo
 
 
+@lru_cache(maxsize=1)
+def _lab_transform() -> ImageCms.ImageCmsTransform:
+    lab = ImageCms.createProfile("LAB")
+    return ImageCms.buildTransform(lab, _SRGB, "LAB", "RGB", flags=ImageCms.Flags.NOCACHE)
+
+
 def _to_8bit_grey(img: Image.Image) -> Image.Image:
     """I;16 / I / F -> L by scaling the real range; Pillow's convert("L") clips at 255."""
     if img.mode.startswith("I;16"):
+        img = img.convert("I")
         low, high = 0.0, 65535.0
     else:
         lo, hi = img.getextrema()
@@ -779,6 +796,7 @@ def _to_8bit_grey(img: Image.Image) -> Image.Image:
             low, high = float(lo), float(max(hi, lo + 1))
     scale = 255.0 / (high - low)
     src = img.convert("F") if img.mode != "F" else img
+    # +0.5 because F -> L truncates
     return src.point(lambda v: v * scale - low * scale + 0.5).convert("L")
 
 
@@ -800,6 +818,8 @@ def _normalise_mode(img: Image.Image) -> Image.Image:
         return img.convert(mode[:-1] + "A")
     if mode in ("L", "LA", "RGB", "RGBA", "CMYK"):
         return img
+    if mode == "LAB":  # Pillow cannot convert() Lab; LittleCMS can
+        return ImageCms.applyTransform(img, _lab_transform()) or img
     return img.convert("RGBA" if img.has_transparency_data else "RGB")
 
 

@@ -121,9 +121,6 @@ class AdminTaskBatch(models.Model):
     lease_expires_at = models.DateTimeField()
     created_at = models.DateTimeField(auto_now_add=True)
 
-    class Meta:
-        indexes = [models.Index(fields=["run", "lease_expires_at"], name="batch_run_lease_idx")]
-
     def __str__(self) -> str:
         return f"batch #{self.pk} of run #{self.run_id} ({self.position}/{len(self.item_ids)})"
 
