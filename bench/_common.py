@@ -56,6 +56,9 @@ def merge_result(key: str, value: Any, path: Path = RESULTS) -> None:
         fd, tmp = tempfile.mkstemp(prefix=".results-", dir=path.parent)
         with os.fdopen(fd, "w") as fh:
             fh.write(json.dumps(results, indent=2, default=str) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results.json is an ordinary file
         os.replace(tmp, path)
 
 
@@ -214,7 +217,7 @@ def cpu_busy_fraction(seconds: float = 1.0) -> float:
     return (b1 - b0) / max(t1 - t0, 1)
 
 
-def wait_for_quiet(threshold: float = 0.2, max_wait_s: float = 60) -> float:
+def wait_for_quiet(threshold: float = 0.2, max_wait_s: float = 30) -> float:
     """Wait (up to max_wait_s) until other processes leave the CPUs mostly idle.
 
     Returns the last measured busy fraction so a result can say it was taken on a busy box.

@@ -178,7 +178,7 @@ def bench_noop(items: int, profile: bool, rounds: int = ROUNDS) -> dict:
     make_images(items)
     noop_definition()
     ids = list(_all_ids())
-    background = _common.wait_for_quiet(max_wait_s=120)
+    background = _common.wait_for_quiet()
     _set_ready(None, True)
     size = -(-len(ids) // rounds)
     noop_s = bare_s = 0.0

@@ -9,9 +9,9 @@ preprocess-images run (default scope) is created and W separate OS processes
 workers start, set Django up and report "ready"; the clock starts when all are told "go" and
 stops at the last worker's end, so interpreter start-up is not counted. Each encode uses one
 thread (PICSITE_ENCODER_THREADS=1) so 2 workers on 2 cores do not oversubscribe. On a shared
-machine other jobs steal CPU: each phase waits (up to a minute) for the CPUs to go quiet, and
-a phase whose workers got under 85% of their CPUs' time is measured again (at most 3 times;
-the fastest counts, every attempt is recorded).
+machine other jobs steal CPU: each phase waits (up to 30 s) for the CPUs to go quiet, and a
+phase whose workers got under 85% of their CPUs' time is measured once more (the faster
+attempt counts; every attempt is recorded).
 
 ``efficiency = throughput(W=2) / (min(2, C) * throughput(W=1))``. bench_engine.py's
 ``two_over_one_worker`` is the same measurement (``throughput(W=2) / throughput(W=1)``): with
@@ -100,7 +100,7 @@ def reset_variants(media_root: Path) -> None:
 # A measurement whose workers got less than this share of their CPUs (other jobs on a shared
 # machine) is repeated, up to MAX_ATTEMPTS times in all; the fastest one is kept.
 MIN_UTILIZATION = 0.85
-MAX_ATTEMPTS = 3
+MAX_ATTEMPTS = 2
 
 
 def measure(workers: int, media_root: Path) -> dict:

@@ -291,7 +291,9 @@ def _generate(image: Image, *, storage: VariantStore, cancel: CancelCheck, recip
 
     outcome = VariantOutcome(image.pk, resume_from, False)
     blurhash = image.blurhash
-    for width, tier in imaging.render_tiers(source, widths):
+    tiers = imaging.render_tiers(source, widths)
+    del source  # the generator holds what it needs; free the full decode early
+    for width, tier in tiers:
         cancel()
         if not blurhash:
             blurhash = imaging.compute_blurhash(tier)
