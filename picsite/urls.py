@@ -18,7 +18,13 @@ urlpatterns = [
     path("", include("gallery.urls")),  # namespace "gallery"
 ]
 
-if settings.DEBUG:
-    from django.conf.urls.static import static
+if settings.PICSITE_VARIANT_STORAGE == "local" and settings.PICSITE_VARIANT_LOCAL_URL.startswith("/"):
+    from django.views.static import serve
 
-    urlpatterns += static(settings.MEDIA_URL, document_root=settings.MEDIA_ROOT)
+    def serve_variant(request, path):
+        return serve(request, path, document_root=settings.PICSITE_VARIANT_LOCAL_ROOT)
+
+    # Local variants are served by Django (put a CDN or nginx in front in production);
+    # originals are never served: they may carry GPS.
+    prefix = settings.PICSITE_VARIANT_LOCAL_URL.lstrip("/")
+    urlpatterns.insert(0, re_path(rf"^{prefix}(?P<path>.*)$", serve_variant))

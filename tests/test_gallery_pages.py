@@ -302,3 +302,23 @@ def test_static_assets_exist():
     static = Path(__file__).resolve().parents[1] / "gallery" / "static" / "gallery"
     assert "function decode" in (static / "blurhash.js").read_text()
     assert ".ph" in (static / "site.css").read_text()
+
+
+@pytest.mark.django_db
+def test_originals_are_never_served_but_variants_are(client):
+    """Originals may carry GPS: no URL serves them; local variants are served."""
+    from django.conf import settings as live
+
+    variants = live.PICSITE_VARIANT_LOCAL_ROOT
+    probe = variants / "gallery" / "probe_320.webp"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_bytes(b"RIFF0000WEBP")
+    originals = live.MEDIA_ROOT / "originals"
+    originals.mkdir(parents=True, exist_ok=True)
+    (originals / "secret.jpg").write_bytes(b"\xff\xd8 gps inside")
+    try:
+        assert client.get(live.PICSITE_VARIANT_LOCAL_URL + "gallery/probe_320.webp").status_code == 200
+        assert client.get(live.MEDIA_URL + "originals/secret.jpg").status_code == 404
+    finally:
+        probe.unlink()
+        (originals / "secret.jpg").unlink()
