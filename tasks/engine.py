@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, transaction
 from django.db.models import Sum
@@ -700,23 +701,23 @@ class _CheckpointState:
 
 
 CHECKPOINT_SQL = """
-WITH lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s, %(run)s) AS ok),
+WITH lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s::int, (%(run)s::bigint %% 2147483647)::int) AS ok),
 b AS (
     {batch_sql}
 ),
 r AS (
     UPDATE tasks_admintaskrun SET
-        processed = processed + %(processed)s,
-        succeeded = succeeded + %(succeeded)s,
-        skipped = skipped + %(skipped)s,
-        failed = failed + %(failed)s,
+        processed = processed + %(processed)s::int,
+        succeeded = succeeded + %(succeeded)s::int,
+        skipped = skipped + %(skipped)s::int,
+        failed = failed + %(failed)s::int,
         spent_items = spent_items + 1,
-        spent_seconds = spent_seconds + %(seconds)s,
-        busy_seconds = busy_seconds + %(seconds)s,
-        spent_bytes = spent_bytes + %(bytes)s,
-        spent_writes = spent_writes + %(writes)s,
-        lease_owner = %(owner)s,
-        lease_expires_at = CASE WHEN %(renew)s THEN now() + make_interval(secs => %(lease)s)
+        spent_seconds = spent_seconds + %(seconds)s::float8,
+        busy_seconds = busy_seconds + %(seconds)s::float8,
+        spent_bytes = spent_bytes + %(bytes)s::bigint,
+        spent_writes = spent_writes + %(writes)s::int,
+        lease_owner = %(owner)s::text,
+        lease_expires_at = CASE WHEN %(renew)s::bool THEN now() + make_interval(secs => %(lease)s::float8)
                            ELSE lease_expires_at END,
         last_progress_at = now(),
         updated_at = now(),
@@ -724,15 +725,15 @@ r AS (
             SELECT coalesce(jsonb_agg(e ORDER BY n), '[]'::jsonb)
               FROM jsonb_array_elements(jsonb_build_array(%(issue)s::jsonb) || recent_issues)
                    WITH ORDINALITY AS t(e, n)
-             WHERE n <= %(max_issues)s) END
-     WHERE id = %(run)s AND EXISTS (SELECT 1 FROM b)
+             WHERE n <= %(max_issues)s::int) END
+     WHERE id = %(run)s::bigint AND EXISTS (SELECT 1 FROM b)
     RETURNING status, budget, spent_items, spent_seconds, spent_bytes,
               processed, succeeded, skipped, failed, total
 )
 SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes,
-       CASE WHEN r.status IS NULL THEN NULL ELSE pg_notify(%(channel)s, json_build_object(
-           'run', %(run)s, 'event', 'item', 'item_id', %(item_id)s, 'outcome', %(outcome)s,
-           'code', %(code)s, 'status', r.status, 'counters', json_build_object(
+       CASE WHEN r.status IS NULL THEN NULL ELSE pg_notify(%(channel)s::text, json_build_object(
+           'run', %(run)s::bigint, 'event', 'item', 'item_id', %(item_id)s::bigint, 'outcome', %(outcome)s::text,
+           'code', %(code)s::text, 'status', r.status, 'counters', json_build_object(
                'processed', r.processed, 'succeeded', r.succeeded, 'skipped', r.skipped,
                'failed', r.failed, 'total', r.total))::text) END
   FROM lk LEFT JOIN r ON true
@@ -740,13 +741,13 @@ SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes,
 # Advance the batch (renewing its lease) only if this worker still owns it at this position.
 BATCH_ADVANCE_SQL = """UPDATE tasks_admintaskbatch
        SET position = position + 1,
-           lease_expires_at = CASE WHEN %(renew)s THEN now() + make_interval(secs => %(lease)s)
+           lease_expires_at = CASE WHEN %(renew)s::bool THEN now() + make_interval(secs => %(lease)s::float8)
                               ELSE lease_expires_at END
-     WHERE id = %(batch)s AND lease_owner = %(owner)s AND position = %(position)s
+     WHERE id = %(batch)s::bigint AND lease_owner = %(owner)s::text AND position = %(position)s::int
        AND (SELECT ok FROM lk)
     RETURNING id"""
 BATCH_DONE_SQL = """DELETE FROM tasks_admintaskbatch
-     WHERE id = %(batch)s AND lease_owner = %(owner)s AND position = %(position)s
+     WHERE id = %(batch)s::bigint AND lease_owner = %(owner)s::text AND position = %(position)s::int
        AND (SELECT ok FROM lk)
     RETURNING id"""
 
@@ -807,8 +808,11 @@ def _checkpoint(run_id, defn, owner, claim: _Claim, item_id, outcome: _Outcome, 
     delay = 0.0005
     while True:
         with transaction.atomic() if ledger_action else nullcontext():  # alone, one statement is one transaction
-            with connection.cursor() as cur:
-                cur.execute(sql, params)
+            # A server-side-bound cursor so psycopg prepares this hot statement once per
+            # connection (Django's client-side binding would re-plan it every item).
+            connection.ensure_connection()
+            with psycopg.Cursor(connection.connection) as cur:
+                cur.execute(sql, params, prepare=True)
                 row = cur.fetchone()
                 lock_ok, status = row[0], row[1]
                 if lock_ok and status is not None and ledger_action is not None:
