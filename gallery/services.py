@@ -6,13 +6,17 @@ call these and nothing else. This module knows nothing of the ``tasks`` app.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
+import tempfile
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from pathlib import Path
 
 from django.conf import settings
 from django.core.files.base import ContentFile
@@ -66,7 +70,9 @@ def variant_recipe_current() -> VariantRecipe:
         avif_speed=settings.PICSITE_AVIF_SPEED,
         webp_quality=settings.PICSITE_WEBP_QUALITY,
         webp_method=settings.PICSITE_WEBP_METHOD,
-        encoder_threads=settings.PICSITE_ENCODER_THREADS or imaging.default_encoder_threads(),
+        # Concurrent encodes on this host = the django-q2 workers of this cluster.
+        encoder_threads=settings.PICSITE_ENCODER_THREADS
+        or imaging.default_encoder_threads(settings.Q_CLUSTER.get("workers")),
     )
 
 
@@ -281,7 +287,67 @@ def _generate(image: Image, *, storage: VariantStore, cancel: CancelCheck, recip
     cancel()
     try:
         meta = imaging.inspect_image(data, max_pixels=settings.PICSITE_MAX_PIXELS)
-        widths = recipe.tier_widths(meta.width)
+    except ImageRejected as exc:
+        raise VariantGenerationError(stage="decode", code=exc.code, message=exc.message) from exc
+    with _low_memory_slot(data, meta, cancel) as low_memory:
+        if low_memory:
+            recipe = replace(recipe, encoder_threads=1)
+        return _encode_and_store(image, data, meta, storage=storage, cancel=cancel, recipe=recipe, resume_from=resume_from)
+
+
+def _is_large_progressive_jpeg(data: bytes) -> bool:
+    """A progressive JPEG buffers every coefficient while decoding, draft or not."""
+    if len(data) < settings.PICSITE_LOW_MEMORY_PROGRESSIVE_BYTES or data[:2] != b"\xff\xd8":
+        return False
+    pos = 2
+    while pos + 4 <= len(data):  # walk marker segments up to the frame header
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker in (0xC2, 0xC6, 0xCA, 0xCE):  # SOF2/6/10/14: progressive
+            return True
+        if marker in (0xC0, 0xC1, 0xC3, 0xC5, 0xC7, 0xC9, 0xCB, 0xCD, 0xDA):
+            return False
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False
+
+
+@contextmanager
+def _low_memory_slot(data: bytes, meta: imaging.PhotoMetadata, cancel: CancelCheck) -> Iterator[bool]:
+    """Huge images (and large progressive JPEGs) take the low-memory path: one at a
+    time per host (a file lock shared by every worker process) with single-threaded
+    encodes, so N workers never hold N huge decodes at once."""
+    large = meta.width * meta.height > settings.PICSITE_LOW_MEMORY_PIXELS or _is_large_progressive_jpeg(data)
+    if not large:
+        yield False
+        return
+    lock_path = Path(tempfile.gettempdir()) / "picsite-low-memory.lock"
+    with open(lock_path, "a+b") as fh:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                cancel()
+                time.sleep(0.2)
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _encode_and_store(
+    image: Image,
+    data: bytes,
+    meta: imaging.PhotoMetadata,
+    *,
+    storage: VariantStore,
+    cancel: CancelCheck,
+    recipe: VariantRecipe,
+    resume_from: int,
+) -> VariantOutcome:
+    widths = recipe.tier_widths(meta.width)
+    try:
         source = imaging.decode_for_variants(
             data, max_pixels=settings.PICSITE_MAX_PIXELS, target_width=widths[-1], cancel=cancel
         )

@@ -138,6 +138,7 @@ PICSITE_FETCH_TIMEOUT_S = env_float("PICSITE_FETCH_TIMEOUT_S", 60)
 # Per-worker memory bound; images above the pixel threshold take the low-memory path.
 PICSITE_WORKER_MEMORY_MB = env_int("PICSITE_WORKER_MEMORY_MB", 512)
 PICSITE_LOW_MEMORY_PIXELS = env_int("PICSITE_LOW_MEMORY_PIXELS", 40_000_000)
+PICSITE_LOW_MEMORY_PROGRESSIVE_BYTES = env_int("PICSITE_LOW_MEMORY_PROGRESSIVE_BYTES", 8 * 1024 * 1024)
 
 # Variant storage: "local" (default), "s3", or "none" (pipeline off).
 PICSITE_VARIANT_STORAGE = os.environ.get("PICSITE_VARIANT_STORAGE", "local")

@@ -142,3 +142,41 @@ def test_corrupt_original_fails_at_decode_and_advertises_nothing(corpus, local_s
     assert info.value.stage == "decode"
     image.refresh_from_db()
     assert image.ready_max_width == 0 and not image.variants_ready
+
+
+def test_huge_images_take_the_low_memory_path_one_at_a_time(corpus, settings, local_storage):
+    """Above the pixel threshold a host-wide slot serializes decodes; a waiting
+    worker still honours cancellation."""
+    import fcntl
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from gallery.imaging import CancelledError
+
+    settings.PICSITE_LOW_MEMORY_PIXELS = 100_000  # the 1024x772 photo counts as huge here
+    image = _ingest(corpus, SOURCE)
+    started = time.monotonic()
+
+    def cancel_after_half_a_second():
+        if time.monotonic() - started > 0.5:
+            raise CancelledError("test cancel")
+
+    with open(Path(tempfile.gettempdir()) / "picsite-low-memory.lock", "a+b") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another worker is decoding a huge image
+        with pytest.raises(CancelledError):
+            preprocess_image(image, local_storage, cancel_after_half_a_second)
+        fcntl.flock(held, fcntl.LOCK_UN)
+    image.refresh_from_db()
+    assert image.ready_max_width == 0
+    assert preprocess_image(image, local_storage).variants_ready
+
+
+def test_progressive_jpeg_detection(corpus, settings):
+    from gallery.services import _is_large_progressive_jpeg
+
+    settings.PICSITE_LOW_MEMORY_PROGRESSIVE_BYTES = 1
+    assert _is_large_progressive_jpeg((corpus / "edge/panorama_equirect_4096x2048.jpg").read_bytes())
+    assert not _is_large_progressive_jpeg((corpus / "photos/jolla_leaf_3264x2448.jpg").read_bytes())
+    settings.PICSITE_LOW_MEMORY_PROGRESSIVE_BYTES = 100 * 1024 * 1024
+    assert not _is_large_progressive_jpeg((corpus / "edge/panorama_equirect_4096x2048.jpg").read_bytes())
