@@ -14,8 +14,10 @@
 #                         DJANGO_ALLOWED_HOSTS=photos.example.com,127.0.0.1,localhost
 #   (keep 127.0.0.1 in DJANGO_ALLOWED_HOSTS: the HEALTHCHECK requests /admin/login/ on it)
 #
-# Migrations and the tick schedule, once per release (before starting new workers):
+# Migrations and the engine's tick schedule, once per release (before starting new workers):
 #   docker run --rm --env-file picsite.env picsite python manage.py migrate
+#   docker run --rm --env-file picsite.env picsite python manage.py shell -c \
+#       "from tasks.jobs import ensure_tick_schedule; ensure_tick_schedule()"
 #
 # Workers (same image, no web server, so no healthcheck):
 #   uploads cluster:  docker run -d --no-healthcheck --env-file picsite.env \
@@ -23,9 +25,10 @@
 #   backfill cluster: docker run -d --no-healthcheck --env-file picsite.env -e Q_CLUSTER_NAME=backfill \
 #                         -v picsite-media:/app/media picsite python manage.py qcluster
 #   Run as many of each as you like, on any number of hosts: batches + leases keep them
-#   from doing an item twice (docs/deployment.md). Workers read the originals, so every
-#   container needs the same media: one volume on one host, or shared storage / S3 variants
-#   (PICSITE_VARIANT_STORAGE=s3) across hosts.
+#   from doing an item twice (docs/deployment.md). Web and workers read and write the
+#   originals under /app/media, so every container needs the same media: one volume on one
+#   host; across hosts a shared filesystem for the originals plus S3 variant storage
+#   (PICSITE_VARIANT_STORAGE=s3).
 #
 # Serverless (no worker): run only the web container and have a scheduler POST a signed
 # tick to /api/v1/preprocess-tasks/tick every minute (docs/deployment.md).

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import statistics
@@ -43,7 +44,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "picsite.settings")
 def merge_result(key: str, value: Any, path: Path = RESULTS) -> None:
     """Set ``results[key] = value`` in ``path``, keeping every other key."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = Path(tempfile.gettempdir()) / f"picsite-bench-{abs(hash(str(path)))}.lock"
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]  # stable across processes
+    lock_path = Path(tempfile.gettempdir()) / f"picsite-bench-results-{digest}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         results: dict = {}
@@ -145,8 +147,20 @@ def _point_env_at(name: str) -> None:
 
 @contextlib.contextmanager
 def bench_database(*, name: str = BENCH_DB, migrate: bool = True) -> Iterator[str]:
-    """Create, migrate and (at the end) drop a fresh database; Django is set up inside."""
+    """Create, migrate and (at the end) drop a fresh database; Django is set up inside.
+
+    A session advisory lock on the server guards the name, so a second bench (or soak)
+    started meanwhile stops with a message instead of dropping this one's database.
+    """
     cfg, maintenance = _server()
+    guard = _connect(cfg, maintenance)
+    got = guard.execute("SELECT pg_try_advisory_lock(hashtext(%s))", [f"picsite-bench:{name}"]).fetchone()[0]
+    if not got:
+        guard.close()
+        raise SystemExit(
+            f"another benchmark is using the database {name!r} on this server; wait for it, "
+            "or set PICSITE_BENCH_DB to another name"
+        )
     _drop(cfg, maintenance, name)
     with _connect(cfg, maintenance) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -167,7 +181,10 @@ def bench_database(*, name: str = BENCH_DB, migrate: bool = True) -> Iterator[st
             from django.db import connections
 
             connections.close_all()
-        _drop(cfg, maintenance, name)
+        try:
+            _drop(cfg, maintenance, name)
+        finally:
+            guard.close()  # releases the advisory lock
 
 
 @contextlib.contextmanager
