@@ -175,6 +175,9 @@ PICSITE_PRICE_PER_1K_WRITES = env_float("PICSITE_PRICE_PER_1K_WRITES", 0)
 PICSITE_PRICE_PER_GB = env_float("PICSITE_PRICE_PER_GB", 0)
 # Let the open /admin/tasks page drive kicks itself when no worker runs.
 PICSITE_ADMIN_PAGE_DRIVES_KICKS = env_bool("PICSITE_ADMIN_PAGE_DRIVES_KICKS", True)
+# Serverless (no worker, so no per-upload job): a push tick with nothing to do starts
+# a run over never-attempted images.
+PICSITE_PUSH_TICK_CREATES_RUNS = env_bool("PICSITE_PUSH_TICK_CREATES_RUNS", False)
 PICSITE_PUSH_SECRET = os.environ.get("PICSITE_PUSH_SECRET", "")
 PICSITE_PUSH_SECRET_NEXT = os.environ.get("PICSITE_PUSH_SECRET_NEXT", "")
 

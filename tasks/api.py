@@ -365,7 +365,11 @@ def _run_budget(request: HttpRequest, *, task_key: str, run_id: int) -> JsonResp
 
 
 def _tick(request: HttpRequest, *, task_key: str) -> JsonResponse:
-    run = engine.tick(task_key=task_key, time_budget_s=settings.PICSITE_PUSH_TICK_BUDGET_S)
+    run = engine.tick(
+        task_key=task_key,
+        time_budget_s=settings.PICSITE_PUSH_TICK_BUDGET_S,
+        create_if_idle=settings.PICSITE_PUSH_TICK_CREATES_RUNS,
+    )
     return JsonResponse({"run": serializers.run_or_none_to_dict(run)})
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from django.conf import settings
 from django.db import IntegrityError, close_old_connections, connection, transaction
-from django.db.models import Sum
+from django.db.models import F, Sum
 from django.utils import timezone
 
 from gallery.imaging import CancelledError
@@ -366,14 +366,30 @@ class _Claim:
     renew_after: float = field(default_factory=lambda: time.monotonic())
 
 
-def tick(*, task_key: str, time_budget_s: float | None = None, owner: str | None = None) -> AdminTaskRun | None:
-    """Kick the oldest runnable run of ``task_key`` (if any) and return it."""
+def tick(
+    *,
+    task_key: str,
+    time_budget_s: float | None = None,
+    owner: str | None = None,
+    create_if_idle: bool = False,
+) -> AdminTaskRun | None:
+    """Kick the oldest runnable run of ``task_key`` (if any) and return it.
+
+    ``create_if_idle`` (serverless deployments, where no per-upload job runs) first
+    starts a default-scope run when none is active and the scope is not empty.
+    """
     _definition(task_key)
     run = (
         AdminTaskRun.objects.filter(task_key=task_key, status__in=[*RunStatus.runnable(), RunStatus.CANCELLING])
         .order_by("id")
         .first()
     )
+    defn = _definition(task_key)
+    if run is None and create_if_idle and defn.idle_scope is not None:
+        try:
+            run = create(task_key=task_key, scope=defn.idle_scope)
+        except (EmptyScope, RunAlreadyActive, StorageNotConfigured):
+            run = None
     if run is None:
         return None
     return kick(run_id=run.pk, time_budget_s=time_budget_s, owner=owner)
@@ -474,7 +490,7 @@ def _claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> _Claim | None
         ids = list(
             defn.scope_queryset(run.scope)
             .filter(pk__gt=run.cursor, pk__lte=run.max_item_id)
-            .order_by("pk")
+            .order_by(_keyset_order(run))
             .values_list("pk", flat=True)[:limit]
         )
         is_retry = False
@@ -503,6 +519,19 @@ def _claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> _Claim | None
 
 TIMELINE_EVERY_S = 5
 TIMELINE_MAX_POINTS = 720
+
+
+def _keyset_order(run: AdminTaskRun):
+    """Order for the next-batch query.
+
+    Dense scopes walk the primary key. When what is left is sparse in the id range
+    left to walk (say 3,000 new uploads at the end of a 1M-row library), an
+    ORDER BY pk walk would filter out everything before them on each claim; ``pk + 0``
+    makes Postgres combine the scope's partial indexes and top-N sort the few matches.
+    """
+    left = max(run.total - run.processed, 1)
+    span = max(run.max_item_id - run.cursor, 1)
+    return "pk" if left * 20 >= span else (F("pk") + 0).asc()
 
 
 def _take_run_lease(run: AdminTaskRun, owner: str, expires, *, save_cursor: bool = False) -> None:
@@ -701,7 +730,11 @@ class _CheckpointState:
 
 
 CHECKPOINT_SQL = """
-WITH lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s::int, (%(run)s::bigint %% 2147483647)::int) AS ok),
+WITH lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s::int, (%(run)s::bigint %% 2147483647)::int) AS ok,
+                   -- Checkpoints commit without waiting for the WAL flush: a Postgres crash
+                   -- can drop the last ~0.6 s of them, and then the batch position and the
+                   -- counters roll back together, so those items are simply redone.
+                   set_config('synchronous_commit', 'off', true) AS async_commit),
 b AS (
     {batch_sql}
 ),

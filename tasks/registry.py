@@ -89,6 +89,8 @@ class TaskDefinition:
     fatal_codes: frozenset[str] = frozenset()
     # This many consecutive failures with one of these codes means an outage.
     outage_codes: frozenset[str] = frozenset()
+    # Scope a push tick may start a run with when none is active (None: never).
+    idle_scope: dict | None = None
 
 
 _REGISTRY: dict[str, TaskDefinition] = {}

@@ -180,3 +180,17 @@ def test_drain_job_kicks_and_requeues_itself(corpus, settings, local_storage):
     assert OrmQ.objects.filter(key="backfill").count() == 1
     settings.PICSITE_DRAIN_SLICE_S = 60
     assert drain_run_job(run.pk) == RunStatus.SUCCEEDED
+
+
+def test_serverless_tick_starts_a_run_for_new_images_only(corpus, local_storage, media_root):
+    (good,) = ingest(corpus, SMALL_PHOTOS[:1])
+    place_bad_files(corpus, media_root, ["truncated_photo.jpg"])
+    run = engine.tick(task_key="preprocess-images", create_if_idle=True)
+    assert run is not None and run.scope == {"mode": "new"}
+    run = drain(run.pk)
+    assert (run.status, run.succeeded, run.failed) == (RunStatus.SUCCEEDED, 1, 1)
+    bad = Image.objects.get(title="truncated_photo.jpg")
+    assert bad.variants_error.startswith("decode/")  # the reason is kept on the image
+    # The bad file is not picked up again by every later tick; nothing else is new.
+    assert engine.tick(task_key="preprocess-images", create_if_idle=True) is None
+    assert engine.tick(task_key="preprocess-images") is None

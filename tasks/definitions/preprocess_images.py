@@ -1,6 +1,7 @@
 """preprocess-images: make every in-scope image's AVIF/WebP tiers.
 
 Scope: {} = missing or stale by recipe; {"stale": true} = only stale;
+{"new_only": true} = never attempted and not ready (what a serverless tick starts);
 {"failed_only": true} = not ready and with a recorded error; {"force": true} = all;
 {"image_ids": [...]} = an explicit batch (up to 500).
 """
@@ -14,6 +15,7 @@ from gallery.models import Image
 from gallery.services import (
     ImageBusy,
     VariantGenerationError,
+    image_record_variant_failure,
     preprocess_image,
     variant_recipe_current,
 )
@@ -37,15 +39,17 @@ MAX_EXPLICIT_IDS = 500
 
 
 def normalize_scope(raw: dict) -> dict:
-    reject_unknown_keys(raw, {"force", "stale", "failed_only", "image_ids"})
+    reject_unknown_keys(raw, {"force", "stale", "failed_only", "new_only", "image_ids"})
     ids = scope_ids(raw, "image_ids", limit=MAX_EXPLICIT_IDS)
-    flags = {name: scope_bool(raw, name) for name in ("force", "stale", "failed_only")}
+    flags = {name: scope_bool(raw, name) for name in ("force", "stale", "failed_only", "new_only")}
     chosen = [name for name, on in flags.items() if on] + (["image_ids"] if ids else [])
     if len(chosen) > 1:
-        raise ScopeError(chosen[1], f"choose one of force, stale, failed_only, image_ids (got {', '.join(chosen)})")
+        raise ScopeError(chosen[1], f"choose one of force, stale, failed_only, new_only, image_ids (got {', '.join(chosen)})")
     if ids:
         return {"mode": "ids", "image_ids": ids}
-    mode = {"force": "all", "stale": "stale", "failed_only": "failed"}.get(chosen[0] if chosen else "", "missing")
+    mode = {"force": "all", "stale": "stale", "failed_only": "failed", "new_only": "new"}.get(
+        chosen[0] if chosen else "", "missing"
+    )
     return {"mode": mode}
 
 
@@ -61,6 +65,8 @@ def scope_queryset(scope: dict):
         return alive.filter(Q(variants_recipe__lt=version) | Q(variants_recipe__gt=version), variants_ready=True)
     if mode == "failed":
         return alive.filter(variants_ready=False).exclude(variants_error="")
+    if mode == "new":
+        return alive.filter(variants_ready=False, variants_error="")
     return Image.objects.needing_variants(recipe_version=version)
 
 
@@ -84,6 +90,8 @@ def process(image: Image, cancel) -> ItemResult:
     except CancelledError:
         raise
     except VariantGenerationError as exc:
+        # The reason stays visible on the image (admin, "failed only" scope).
+        image_record_variant_failure(image_id=image.pk, message=f"{exc.stage}/{exc.code}: {exc.message}")
         # A file that will not decode will not decode next time either.
         raise ItemFailure(
             code=exc.code, stage=exc.stage, message=exc.message, retryable=exc.stage != "decode"
@@ -104,6 +112,7 @@ DEFINITION = register(
             ScopeField("force", "bool", "All live images, even ready ones"),
             ScopeField("stale", "bool", "Only images made with an older recipe"),
             ScopeField("failed_only", "bool", "Only images whose last attempt failed"),
+            ScopeField("new_only", "bool", "Only images never attempted (not ready, no recorded error)"),
             ScopeField("image_ids", "int_list", f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids"),
         ),
         normalize_scope=normalize_scope,
@@ -113,5 +122,6 @@ DEFINITION = register(
         cost=CostModel(seconds_per_item=2.0, bytes_per_item=600_000, writes_per_item=16),
         check_available=check_available,
         outage_codes=frozenset({"variant_upload_failed"}),
+        idle_scope={"new_only": True},
     )
 )
