@@ -12,12 +12,10 @@
 #   picsite.env at least: DATABASE_URL=postgres://user:pass@db:5432/picsite
 #                         DJANGO_SECRET_KEY=<long random string>
 #                         DJANGO_ALLOWED_HOSTS=photos.example.com,127.0.0.1,localhost
-#   (keep 127.0.0.1 in DJANGO_ALLOWED_HOSTS: the HEALTHCHECK requests /admin/login/ on it)
+#   (keep 127.0.0.1 in DJANGO_ALLOWED_HOSTS: the HEALTHCHECK requests /healthz (a database round trip) on it)
 #
-# Migrations and the engine's tick schedule, once per release (before starting new workers):
+# Migrations, once per release (they also install the engine's tick schedule):
 #   docker run --rm --env-file picsite.env picsite python manage.py migrate
-#   docker run --rm --env-file picsite.env picsite python manage.py shell -c \
-#       "from tasks.jobs import ensure_tick_schedule; ensure_tick_schedule()"
 #
 # Workers (same image, no web server, so no healthcheck):
 #   uploads cluster:  docker run -d --no-healthcheck --env-file picsite.env \
@@ -76,6 +74,6 @@ USER 10001:10001
 EXPOSE 8000
 
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8000/admin/login/', timeout=4); sys.exit(0 if r.status == 200 else 1)"]
+    CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4); sys.exit(0 if r.status == 200 else 1)"]
 
 CMD ["uvicorn", "picsite.asgi:application", "--host", "0.0.0.0", "--port", "8000"]

@@ -6,7 +6,22 @@ from gallery import urls as gallery_urls
 from tasks import admin_views as task_admin_views
 from tasks import api as tasks_api
 
+
+def healthz(request):
+    """Liveness plus a database round trip (Docker HEALTHCHECK, load balancers)."""
+    from django.db import connection
+    from django.http import JsonResponse
+
+    try:
+        with connection.cursor() as cur:
+            cur.execute("SELECT 1")
+    except Exception as exc:
+        return JsonResponse({"ok": False, "error": type(exc).__name__}, status=503)
+    return JsonResponse({"ok": True})
+
+
 urlpatterns = [
+    path("healthz", healthz, name="healthz"),
     # Before admin.site.urls, whose catch-all would otherwise answer /admin/tasks/.
     path("admin/tasks/", task_admin_views.tasks_page, name="admin-tasks"),
     path("admin/", admin.site.urls),

@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.db.models.signals import post_migrate
 
 
 class TasksConfig(AppConfig):
@@ -8,3 +9,12 @@ class TasksConfig(AppConfig):
     def ready(self) -> None:
         # Importing the definitions registers them.
         from tasks import definitions  # noqa: F401
+
+        # Every deployment that migrates gets the tick schedule (adopts dead workers' batches).
+        post_migrate.connect(_ensure_tick_schedule, sender=self)
+
+
+def _ensure_tick_schedule(sender, using: str = "default", **kwargs) -> None:
+    from tasks.jobs import ensure_tick_schedule
+
+    ensure_tick_schedule()

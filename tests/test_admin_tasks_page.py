@@ -59,7 +59,7 @@ def test_staff_sees_one_panel_per_task(client, staff_user):
 def test_scope_choices_come_from_the_definitions(client, staff_user):
     html = login(client, staff_user).get(PAGE).content.decode()
     # "" is the default (empty) scope: missing for preprocess, all for metadata.
-    assert radios(html, "preprocess-images") == ["", "force", "stale", "failed_only", "image_ids"]
+    assert radios(html, "preprocess-images") == ["", "force", "stale", "failed_only", "new_only", "image_ids"]
     assert radios(html, "metadata-refresh") == ["", "missing_only", "image_ids"]
     assert html.count('data-testid="ids"') == 2
     assert re.search(r'value="" data-kind="default"\s+data-testid="scope-default" checked', html)

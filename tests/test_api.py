@@ -661,4 +661,4 @@ def test_openapi_schema(client):
     assert "post" in paths["/api/v1/images"]
     assert set(document["components"]["securitySchemes"]) == {"bearerAuth", "cookieAuth"}
     params = {p["name"] for p in paths[f"{PRE}/preview-count"]["get"]["parameters"]}
-    assert params == {"force", "stale", "failed_only", "image_ids"}
+    assert params == {"force", "stale", "failed_only", "new_only", "image_ids"}

@@ -377,7 +377,9 @@ def test_sigkilled_workers_are_adopted_and_counters_stay_exact(seed):
         )
         # Kill at a random point once this worker is really working (mid-item,
         # mid-checkpoint or between batches), whatever the interpreter start-up costs.
-        _wait_until(lambda: proc.poll() is not None or AdminTaskRun.objects.get(pk=run.pk).processed > before, 30)
+        _wait_until(
+            lambda p=proc, b=before: p.poll() is not None or AdminTaskRun.objects.get(pk=run.pk).processed > b, 30
+        )
         time.sleep(rng.uniform(0.0, 0.25))
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
@@ -413,3 +415,13 @@ def test_sparse_scope_uses_index_friendly_order_and_finishes():
     assert list(Image.objects.filter(variants_attempts=1).values_list("pk", flat=True).order_by("pk")) == [
         i.pk for i in images[-5:]
     ]
+
+
+def test_migrate_installs_the_tick_schedule():
+    from django.core.management import call_command
+    from django_q.models import Schedule
+
+    Schedule.objects.filter(name="picsite-task-tick").delete()
+    call_command("migrate", verbosity=0)
+    tick = Schedule.objects.get(name="picsite-task-tick")
+    assert tick.func == "tasks.jobs.tick_all_job" and tick.repeats == -1

@@ -322,3 +322,9 @@ def test_originals_are_never_served_but_variants_are(client):
     finally:
         probe.unlink()
         (originals / "secret.jpg").unlink()
+
+
+@pytest.mark.django_db
+def test_healthz_checks_the_database(client):
+    response = client.get("/healthz")
+    assert response.status_code == 200 and response.json() == {"ok": True}

@@ -16,6 +16,7 @@ from gallery.services import _claim, image_ingest
 pytestmark = pytest.mark.django_db
 
 PHOTO = "photos/flower_exif_icc.webp"
+JOB = "gallery.jobs.generate_variants_job"
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def test_storage_failure_leaves_reason_and_schedules_backoff_retry(image, settin
     image.refresh_from_db()
     assert not image.variants_ready
     assert image.variants_error.startswith("upload/variant_upload_failed")
-    retry = Schedule.objects.get(func="gallery.jobs.generate_variants_job")
+    retry = Schedule.objects.get(func=JOB)
     assert retry.args == f"{image.pk},2"
     delay = (retry.next_run - before).total_seconds()
     assert settings.PICSITE_UPLOAD_RETRY_BASE_S * 0.8 <= delay <= settings.PICSITE_UPLOAD_RETRY_BASE_S * 1.2 + 1
@@ -48,20 +49,20 @@ def test_gives_up_after_max_attempts(image, settings):
     settings.PICSITE_S3_BUCKET = ""
     assert generate_variants_job(image.pk, settings.PICSITE_UPLOAD_MAX_ATTEMPTS) == "storage_not_configured"
     assert "PICSITE_S3_BUCKET" in Image.objects.get(pk=image.pk).variants_error
-    assert not Schedule.objects.exists()
+    assert not Schedule.objects.filter(func=JOB).exists()
 
 
 def test_undecodable_original_is_not_retried(image, media_root, corpus):
     (media_root / image.original.name).write_bytes((corpus / "bad/corrupt_header.jpg").read_bytes())
     assert generate_variants_job(image.pk) == "failed"
     assert Image.objects.get(pk=image.pk).variants_error.startswith("decode/")
-    assert not Schedule.objects.exists()
+    assert not Schedule.objects.filter(func=JOB).exists()
 
 
 def test_busy_image_is_left_to_the_backfill_and_checked_later(image):
     _claim(image.pk, seconds=60)
     assert generate_variants_job(image.pk, 1) == "busy"
-    retry = Schedule.objects.get()
+    retry = Schedule.objects.get(func=JOB)
     assert retry.args == f"{image.pk},1"  # a busy image does not use up an attempt
     assert retry.next_run > timezone.now() - timedelta(seconds=1)
 
