@@ -21,7 +21,6 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,23 +34,23 @@ def free_port() -> int:
 def site_env(
     *, db_name: str, media_root: Path, variant_root: Path, extra: dict[str, str] | None = None
 ) -> dict[str, str]:
-    """Environment for a subprocess that must use this test's database and media."""
-    env = {k: v for k, v in os.environ.items() if k != "Q_CLUSTER_NAME"}
-    env.update(
-        DJANGO_SETTINGS_MODULE="picsite.settings",
-        PICSITE_DB_NAME=db_name,
-        PICSITE_MEDIA_ROOT=str(media_root),
-        PICSITE_MEDIA_URL="/media/",
-        PICSITE_VARIANT_STORAGE="local",
-        PICSITE_VARIANT_LOCAL_ROOT=str(variant_root),
-        PICSITE_VARIANT_LOCAL_URL="/media/v/",
-        DJANGO_DEBUG="true",  # serves /media/ and app static files (whitenoise finders)
-        PYTHONUNBUFFERED="1",
+    """``live_server.server_env`` (test database, media) plus what the whole site needs."""
+    from tests.live_server import server_env
+
+    env = server_env(
+        media_root=media_root,
+        extra={
+            "PICSITE_DB_NAME": db_name,
+            "PICSITE_MEDIA_URL": "/media/",
+            "PICSITE_VARIANT_STORAGE": "local",
+            "PICSITE_VARIANT_LOCAL_ROOT": str(variant_root),
+            "PICSITE_VARIANT_LOCAL_URL": "/media/v/",
+            "DJANGO_DEBUG": "true",  # app static files via whitenoise finders
+            "PICSITE_LOG_LEVEL": "INFO",  # the readiness checks read the clusters' "running." lines
+            **(extra or {}),
+        },
     )
-    if env.get("DATABASE_URL"):
-        parts = urlsplit(env["DATABASE_URL"])
-        env["DATABASE_URL"] = urlunsplit(parts._replace(path="/" + db_name))
-    env.update(extra or {})
+    env.pop("Q_CLUSTER_NAME", None)
     return env
 
 
