@@ -88,6 +88,11 @@ else:
     DATABASES = {"default": ensure_running()}
     # Worker subprocesses started by tests join the test database.
     DATABASES["default"]["NAME"] = os.environ.get("PICSITE_DB_NAME", DATABASES["default"]["NAME"])
+# Django binds parameters client-side (its queries are never prepared); the engine's hot
+# checkpoint statements use a server-side cursor with prepare=True, which psycopg honours
+# only when the connection allows prepared statements at all (Django's default, None, is
+# "never": each checkpoint would be parsed and planned anew, half its cost).
+DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
 # A distinct test database name lets several test sessions share one server.
 DATABASES["default"]["TEST"] = {"NAME": os.environ.get("PICSITE_TEST_DB_NAME", "test_picsite")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"

@@ -411,7 +411,8 @@ class _StreamStart:
     conninfo: str = ""
 
 
-DJANGO_ONLY_OPTIONS = {"isolation_level", "server_side_binding", "pool", "assume_role", "cursor_factory"}
+# OPTIONS keys that Django or psycopg.connect consume: not libpq conninfo parameters.
+DJANGO_ONLY_OPTIONS = {"isolation_level", "server_side_binding", "pool", "assume_role", "cursor_factory", "prepare_threshold"}
 
 
 def _listen_conninfo() -> str:
@@ -506,7 +507,7 @@ async def _run_events(*, run_id: int, conninfo: str) -> AsyncIterator[bytes]:
             run_done = False
             for notify in received:
                 payload = _notify_payload(notify.payload)
-                if payload is None or payload.get("run") != run_id or payload.get("event") not in ("item", "status"):
+                if payload is None or payload.get("run") != run_id or payload.get("event") not in ("progress", "status"):
                     continue
                 yield _sse(payload["event"], payload)
                 dirty = True

@@ -121,16 +121,17 @@ class _Progress:
         self.width = 0
 
     def update(self, run: AdminTaskRun, *, force: bool = False) -> None:
-        p = engine.progress(run)
+        c = engine.live_counters(run)
+        p = engine.progress(run, processed=c["processed"])
         rate = p["items_per_second"]
         eta = _fmt_duration(p["eta_seconds"]) if run.status in RunStatus.runnable() else "--:--"
-        counts = f"{run.processed}/{run.total}"
+        counts = f"{c['processed']}/{run.total}"
         if self.is_tty:
             filled = int(TTY_BAR_WIDTH * min(p["percent"], 100.0) / 100)
             bar = "#" * filled + "-" * (TTY_BAR_WIDTH - filled)
             text = f"[{bar}] {counts} {p['percent']:5.1f}%  {rate:.2f} items/s  ETA {eta}"
-            if run.failed:
-                text += f"  failed {run.failed}"
+            if c["failed"]:
+                text += f"  failed {c['failed']}"
             pad = max(0, self.width - len(text))
             self.width = len(text)
             _write(self.stdout, "\r" + text + " " * pad)
@@ -142,7 +143,7 @@ class _Progress:
             _line(
                 self.stdout,
                 f"run #{run.pk} {run.status}: {counts} ({p['percent']:.1f}%), {rate:.2f} items/s, ETA {eta}"
-                f" - succeeded {run.succeeded}, skipped {run.skipped}, failed {run.failed}",
+                f" - succeeded {c['succeeded']}, skipped {c['skipped']}, failed {c['failed']}",
             )
 
     def close(self) -> None:

@@ -258,11 +258,14 @@ def set_budget(*, run_id: int, budget: Any) -> AdminTaskRun:
 def _budget_exhausted(run: AdminTaskRun, next_seconds: float, next_bytes: float) -> str | None:
     """Which budget the next item would exceed, if any."""
     b = run.budget or {}
-    if "items" in b and run.spent_items + 1 > b["items"]:
+    if not b:
+        return None
+    spent = live_counters(run)
+    if "items" in b and spent["spent_items"] + 1 > b["items"]:
         return "items"
-    if "seconds" in b and run.spent_seconds + next_seconds > b["seconds"]:
+    if "seconds" in b and spent["spent_seconds"] + next_seconds > b["seconds"]:
         return "seconds"
-    if "bytes" in b and run.spent_bytes + next_bytes > b["bytes"]:
+    if "bytes" in b and spent["spent_bytes"] + next_bytes > b["bytes"]:
         return "bytes"
     return None
 
@@ -335,21 +338,24 @@ def detail(*, run_id: int, task_key: str | None = None) -> dict:
     if task_key is not None and run.task_key != task_key:
         raise RunNotFound(f"no {task_key} run with id {run_id}")
     items = list(AdminTaskItem.objects.filter(run=run).exclude(state=ItemState.SUCCEEDED).order_by("item_id")[:200])
-    return {"run": run, "items": items, "progress": progress(run)}
+    return {"run": run, "items": items}
 
 
-def progress(run: AdminTaskRun) -> dict:
-    """Throughput (items/s of wall time since start) and ETA for what is left."""
+def progress(run: AdminTaskRun, *, processed: int | None = None) -> dict:
+    """Throughput (items/s of wall time since start) and ETA for what is left.
+
+    ``processed`` is the live count (``live_counters``) when the caller has it."""
+    processed = run.processed if processed is None else processed
     now = timezone.now()
     elapsed = ((run.finished_at or now) - run.started_at).total_seconds() if run.started_at else 0.0
-    rate = run.processed / elapsed if elapsed > 0 and run.processed else 0.0
-    remaining = max(run.total - run.processed, 0)
+    rate = processed / elapsed if elapsed > 0 and processed else 0.0
+    remaining = max(run.total - processed, 0)
     eta = remaining / rate if rate > 0 and run.is_active else None
     return {
         "elapsed_seconds": round(elapsed, 1),
         "items_per_second": round(rate, 3),
         "eta_seconds": round(eta, 1) if eta is not None else None,
-        "percent": round(100.0 * run.processed / run.total, 1) if run.total else 100.0,
+        "percent": round(100.0 * processed / run.total, 1) if run.total else 100.0,
     }
 
 
@@ -364,6 +370,10 @@ class _Claim:
     is_retry: bool
     # The claim just set a full lease; checkpoints renew it after a quarter has passed.
     renew_after: float = field(default_factory=lambda: time.monotonic())
+    # When this worker last folded the batch's pending counters into the run row.
+    folded_at: float = field(default_factory=lambda: time.monotonic())
+    # The run has a budget: every checkpoint folds, so spent_* are exact for the checks.
+    budgeted: bool = False
 
 
 def tick(
@@ -481,12 +491,14 @@ def _claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> _Claim | None
         if row is not None:
             _take_run_lease(run, owner, now + lease)
             ids = row[1] if isinstance(row[1], list) else json.loads(row[1])
-            return _Claim(row[0], ids, row[2], row[3], renew_after=time.monotonic() + lease.total_seconds() / 4)
+            return _Claim(
+                row[0], ids, row[2], row[3], renew_after=time.monotonic() + lease.total_seconds() / 4, budgeted=bool(run.budget)
+            )
 
         # 2. Fresh ids after the cursor (keyset, never OFFSET); scope frozen at max_item_id.
         limit = defn.batch_size
         if "items" in (run.budget or {}):
-            limit = max(1, min(limit, run.budget["items"] - run.spent_items))
+            limit = max(1, min(limit, run.budget["items"] - live_counters(run)["spent_items"]))
         ids = list(
             defn.scope_queryset(run.scope)
             .filter(pk__gt=run.cursor, pk__lte=run.max_item_id)
@@ -514,7 +526,9 @@ def _claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> _Claim | None
         if not is_retry:
             run.cursor = ids[-1]
         _take_run_lease(run, owner, now + lease, save_cursor=not is_retry)
-        return _Claim(batch.pk, ids, 0, is_retry, renew_after=time.monotonic() + lease.total_seconds() / 4)
+        return _Claim(
+            batch.pk, ids, 0, is_retry, renew_after=time.monotonic() + lease.total_seconds() / 4, budgeted=bool(run.budget)
+        )
 
 
 TIMELINE_EVERY_S = 5
@@ -694,7 +708,7 @@ def _work_batch(run_id: int, defn: TaskDefinition, owner: str, claim: _Claim, de
         else:
             outcome = _process_one(defn, run_id, item, worker)
         if outcome.kind == "stopped":
-            _release_batch(claim.batch_id, owner)
+            _release_batch(run_id, defn, owner, claim)
             return False
         if outcome.failure is not None and outcome.failure.code in defn.outage_codes:
             consecutive_outage += 1
@@ -711,14 +725,14 @@ def _work_batch(run_id: int, defn: TaskDefinition, owner: str, claim: _Claim, de
             )
         if state.status not in RunStatus.runnable():
             if not last:
-                _release_batch(claim.batch_id, owner)
+                _release_batch(run_id, defn, owner, claim)
             return False
         if state.budget_reached:
             if not last:
-                _release_batch(claim.batch_id, owner)
+                _release_batch(run_id, defn, owner, claim)
             return True  # the next claim pauses the run with reason "budget"
         if deadline is not None and time.monotonic() >= deadline and not last:
-            _release_batch(claim.batch_id, owner)  # hand the rest to the next kick at once
+            _release_batch(run_id, defn, owner, claim)  # hand the rest to the next kick at once
             return False
     return True
 
@@ -729,66 +743,129 @@ class _CheckpointState:
     budget_reached: bool
 
 
-CHECKPOINT_SQL = """
-WITH lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s::int, (%(run)s::bigint %% 2147483647)::int) AS ok,
+# How long clean items may wait on their batch row before they are folded into the run
+# row (and announced by NOTIFY). Slow items fold at every checkpoint anyway.
+FOLD_EVERY_S = 0.5
+
+_LOCK_CTE = """lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s::int, (%(run)s::bigint %% 2147483647)::int) AS ok,
                    -- Checkpoints commit without waiting for the WAL flush: a Postgres crash
                    -- can drop the last ~0.6 s of them, and then the batch position and the
                    -- counters roll back together, so those items are simply redone.
-                   set_config('synchronous_commit', 'off', true) AS async_commit),
+                   set_config('synchronous_commit', 'off', true) AS async_commit)"""
+
+
+def _mine(alias: str = "tasks_admintaskbatch") -> str:
+    """This worker still owns the batch at this position (and holds the run's try-lock)."""
+    return (
+        f"{alias}.id = %(batch)s::bigint AND {alias}.lease_owner = %(owner)s::text"
+        f" AND {alias}.position = %(position)s::int AND (SELECT ok FROM lk)"
+    )
+
+
+_RENEWED_LEASE = "CASE WHEN %(renew)s::bool THEN now() + make_interval(secs => %(lease)s::float8) ELSE {col} END"
+_PENDING = ("processed", "succeeded", "skipped", "seconds", "bytes", "writes")
+_TAKE_PENDING = ", ".join(f"{{src}}pending_{name} AS p_{name}" for name in _PENDING)
+_ZERO_PENDING = ", ".join(f"pending_{name} = 0" for name in _PENDING)
+
+# The fast checkpoint: a clean item (no failure, no ledger row) on an unbudgeted run
+# moves the batch on and adds to its pending counters, and re-reads the run's status.
+# One small-row UPDATE instead of two; the run row is untouched.
+FAST_CHECKPOINT_SQL = f"""
+WITH {_LOCK_CTE},
 b AS (
-    {batch_sql}
+    UPDATE tasks_admintaskbatch SET
+        position = position + 1,
+        pending_processed = pending_processed + 1,
+        pending_succeeded = pending_succeeded + %(succeeded)s::int,
+        pending_skipped = pending_skipped + %(skipped)s::int,
+        pending_seconds = pending_seconds + %(seconds)s::float8,
+        pending_bytes = pending_bytes + %(bytes)s::bigint,
+        pending_writes = pending_writes + %(writes)s::int
+     WHERE {_mine()}
+    RETURNING id
+)
+SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes
+  FROM lk LEFT JOIN tasks_admintaskrun r ON r.id = %(run)s::bigint AND EXISTS (SELECT 1 FROM b)
+"""
+
+# How a folding statement takes the batch's pending counters (old values) as it
+# advances, finishes or releases the batch.
+_FOLD_BATCH = {
+    # Advance the batch (renewing its lease when due) and zero its pending counters.
+    "advance": f"""UPDATE tasks_admintaskbatch AS nb
+       SET position = nb.position + 1, lease_expires_at = {_RENEWED_LEASE.format(col="nb.lease_expires_at")},
+           {_ZERO_PENDING}
+      FROM tasks_admintaskbatch AS ob
+     WHERE ob.id = nb.id AND {_mine("nb")}
+    RETURNING {_TAKE_PENDING.format(src="ob.")}""",
+    # The batch's last item: the batch row goes.
+    "done": f"""DELETE FROM tasks_admintaskbatch WHERE {_mine()}
+    RETURNING {_TAKE_PENDING.format(src="")}""",
+    # Stopping early: hand the rest back with an expired lease (the next kick adopts it).
+    "release": f"""UPDATE tasks_admintaskbatch AS nb
+       SET lease_expires_at = now() - interval '1 second', {_ZERO_PENDING}
+      FROM tasks_admintaskbatch AS ob
+     WHERE ob.id = nb.id AND {_mine("nb")}
+    RETURNING {_TAKE_PENDING.format(src="ob.")}""",
+}
+
+# The folding checkpoint: this item's outcome plus the batch's pending counters go to the
+# run row in one statement, with its issue, the run lease and a NOTIFY whose counters
+# include what other batches still hold.
+FOLD_CHECKPOINT_SQL = f"""
+WITH {_LOCK_CTE},
+b AS (
+    {{batch_sql}}
 ),
 r AS (
-    UPDATE tasks_admintaskrun SET
-        processed = processed + %(processed)s::int,
-        succeeded = succeeded + %(succeeded)s::int,
-        skipped = skipped + %(skipped)s::int,
-        failed = failed + %(failed)s::int,
-        spent_items = spent_items + 1,
-        spent_seconds = spent_seconds + %(seconds)s::float8,
-        busy_seconds = busy_seconds + %(seconds)s::float8,
-        spent_bytes = spent_bytes + %(bytes)s::bigint,
-        spent_writes = spent_writes + %(writes)s::int,
+    UPDATE tasks_admintaskrun AS run SET
+        processed = run.processed + %(processed)s::int + b.p_processed,
+        succeeded = run.succeeded + %(succeeded)s::int + b.p_succeeded,
+        skipped = run.skipped + %(skipped)s::int + b.p_skipped,
+        failed = run.failed + %(failed)s::int,
+        spent_items = run.spent_items + %(items)s::int + b.p_processed,
+        spent_seconds = run.spent_seconds + %(seconds)s::float8 + b.p_seconds,
+        busy_seconds = run.busy_seconds + %(seconds)s::float8 + b.p_seconds,
+        spent_bytes = run.spent_bytes + %(bytes)s::bigint + b.p_bytes,
+        spent_writes = run.spent_writes + %(writes)s::int + b.p_writes,
         lease_owner = %(owner)s::text,
-        lease_expires_at = CASE WHEN %(renew)s::bool THEN now() + make_interval(secs => %(lease)s::float8)
-                           ELSE lease_expires_at END,
+        lease_expires_at = {_RENEWED_LEASE.format(col="run.lease_expires_at")},
         last_progress_at = now(),
         updated_at = now(),
-        recent_issues = CASE WHEN %(issue)s::jsonb IS NULL THEN recent_issues ELSE (
+        recent_issues = CASE WHEN %(issue)s::jsonb IS NULL THEN run.recent_issues ELSE (
             SELECT coalesce(jsonb_agg(e ORDER BY n), '[]'::jsonb)
-              FROM jsonb_array_elements(jsonb_build_array(%(issue)s::jsonb) || recent_issues)
+              FROM jsonb_array_elements(jsonb_build_array(%(issue)s::jsonb) || run.recent_issues)
                    WITH ORDINALITY AS t(e, n)
              WHERE n <= %(max_issues)s::int) END
-     WHERE id = %(run)s::bigint AND EXISTS (SELECT 1 FROM b)
-    RETURNING status, budget, spent_items, spent_seconds, spent_bytes,
-              processed, succeeded, skipped, failed, total
+      FROM b
+     WHERE run.id = %(run)s::bigint
+    RETURNING run.status, run.budget, run.spent_items, run.spent_seconds, run.spent_bytes,
+              run.processed, run.succeeded, run.skipped, run.failed, run.total
+),
+o AS (
+    SELECT coalesce(sum(pending_processed), 0) AS processed, coalesce(sum(pending_succeeded), 0) AS succeeded,
+           coalesce(sum(pending_skipped), 0) AS skipped
+      FROM tasks_admintaskbatch WHERE run_id = %(run)s::bigint AND id <> %(batch)s::bigint
 )
 SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes,
        CASE WHEN r.status IS NULL THEN NULL ELSE pg_notify(%(channel)s::text, json_build_object(
-           'run', %(run)s::bigint, 'event', 'item', 'item_id', %(item_id)s::bigint, 'outcome', %(outcome)s::text,
+           'run', %(run)s::bigint, 'event', 'progress', 'item_id', %(item_id)s::bigint, 'outcome', %(outcome)s::text,
            'code', %(code)s::text, 'status', r.status, 'counters', json_build_object(
-               'processed', r.processed, 'succeeded', r.succeeded, 'skipped', r.skipped,
-               'failed', r.failed, 'total', r.total))::text) END
-  FROM lk LEFT JOIN r ON true
+               'processed', r.processed + o.processed, 'succeeded', r.succeeded + o.succeeded,
+               'skipped', r.skipped + o.skipped, 'failed', r.failed, 'total', r.total))::text) END
+  FROM lk CROSS JOIN o LEFT JOIN r ON true
 """
-# Advance the batch (renewing its lease) only if this worker still owns it at this position.
-BATCH_ADVANCE_SQL = """UPDATE tasks_admintaskbatch
-       SET position = position + 1,
-           lease_expires_at = CASE WHEN %(renew)s::bool THEN now() + make_interval(secs => %(lease)s::float8)
-                              ELSE lease_expires_at END
-     WHERE id = %(batch)s::bigint AND lease_owner = %(owner)s::text AND position = %(position)s::int
-       AND (SELECT ok FROM lk)
-    RETURNING id"""
-BATCH_DONE_SQL = """DELETE FROM tasks_admintaskbatch
-     WHERE id = %(batch)s::bigint AND lease_owner = %(owner)s::text AND position = %(position)s::int
-       AND (SELECT ok FROM lk)
-    RETURNING id"""
+_FOLD_SQL = {mode: FOLD_CHECKPOINT_SQL.format(batch_sql=sql) for mode, sql in _FOLD_BATCH.items()}
 
 
 def _checkpoint(run_id, defn, owner, claim: _Claim, item_id, outcome: _Outcome, ledger_row, last: bool):
     """Record one item's outcome in one statement (one round trip, its own transaction
     unless a ledger row is written too). Returns the run's state, or None if the lease
-    was lost, in which case nothing was written."""
+    was lost, in which case nothing was written.
+
+    A clean item takes the fast checkpoint (batch row only); anything the run row must
+    show now (a failure, a ledger change, the batch's end, a lease renewal, a budget) or
+    FOLD_EVERY_S since the last fold takes the folding one."""
     failure = outcome.failure
     counts = {"processed": 0, "succeeded": 0, "skipped": 0, "failed": 0}
     issue = None
@@ -817,51 +894,47 @@ def _checkpoint(run_id, defn, owner, claim: _Claim, item_id, outcome: _Outcome, 
             "at": timezone.now().isoformat(),
         }
     result = outcome.result
-    params = {
+    now = time.monotonic()
+    # Renew once a quarter of the lease has passed: fewer row versions, same safety.
+    renew = now >= claim.renew_after
+    fast = (
+        ledger_action is None
+        and not last
+        and not renew
+        and not claim.budgeted
+        and now - claim.folded_at < FOLD_EVERY_S
+    )
+    params = _checkpoint_params(
+        run_id,
+        defn,
+        owner,
+        claim,
         **counts,
-        "lock_id": defn.lock_id,
-        "lease": _lease_seconds(defn),
-        # Renew once a quarter of the lease has passed: fewer row versions, same safety.
-        "renew": time.monotonic() >= claim.renew_after,
-        "batch": claim.batch_id,
-        "owner": owner,
-        "position": claim.position,
-        "run": run_id,
-        "seconds": outcome.seconds,
-        "bytes": result.bytes_written if result else 0,
-        "writes": result.objects_written if result else 0,
-        "issue": json.dumps(issue) if issue else None,
-        "max_issues": MAX_RECENT_ISSUES,
-        "channel": NOTIFY_CHANNEL,
-        "item_id": item_id,
-        "outcome": reported,
-        "code": failure.code if failure else None,
-    }
-    sql = CHECKPOINT_SQL.format(batch_sql=BATCH_DONE_SQL if last else BATCH_ADVANCE_SQL)
-    delay = 0.0005
-    while True:
-        with transaction.atomic() if ledger_action else nullcontext():  # alone, one statement is one transaction
-            # A server-side-bound cursor so psycopg prepares this hot statement once per
-            # connection (Django's client-side binding would re-plan it every item).
-            connection.ensure_connection()
-            with psycopg.Cursor(connection.connection) as cur:
-                cur.execute(sql, params, prepare=True)
-                row = cur.fetchone()
-                lock_ok, status = row[0], row[1]
-                if lock_ok and status is not None and ledger_action is not None:
-                    _write_ledger(run_id, item_id, ledger_action, failure)
-        if lock_ok:
-            break
-        # Another worker is checkpointing this run right now: a brief spin.
-        time.sleep(delay * random.uniform(0.5, 1.5))
-        delay = min(delay * 2, 0.05)
-    if status is None:
+        items=1,
+        renew=renew,
+        seconds=outcome.seconds,
+        bytes=result.bytes_written if result else 0,
+        writes=result.objects_written if result else 0,
+        issue=json.dumps(issue) if issue else None,
+        item_id=item_id,
+        outcome=reported,
+        code=failure.code if failure else None,
+    )
+    sql = FAST_CHECKPOINT_SQL if fast else _FOLD_SQL["done" if last else "advance"]
+    after = (lambda: _write_ledger(run_id, item_id, ledger_action, failure)) if ledger_action else None
+    row = _execute_checkpoint(sql, params, after=after)
+    if row[1] is None:
         return None
     claim.position += 1
-    if params["renew"]:
-        claim.renew_after = time.monotonic() + _lease_seconds(defn) / 4
+    if not fast:
+        claim.folded_at = now
+    if renew:
+        claim.renew_after = now + _lease_seconds(defn) / 4
     budget, spent_items, spent_seconds, spent_bytes = row[2:6]
     b = (json.loads(budget) if isinstance(budget, str) else budget) or {}  # Django loads jsonb as text
+    claim.budgeted = bool(b)
+    if fast:  # spent_* leave out the batches' pending counters; the next (folding) checkpoint checks
+        return _CheckpointState(row[1], False)
     per_s = spent_seconds / spent_items if spent_items else 0
     per_b = spent_bytes / spent_items if spent_items else 0
     reached = (
@@ -869,7 +942,46 @@ def _checkpoint(run_id, defn, owner, claim: _Claim, item_id, outcome: _Outcome, 
         or ("seconds" in b and spent_seconds + per_s > b["seconds"])
         or ("bytes" in b and spent_bytes + per_b > b["bytes"])
     )
-    return _CheckpointState(status, reached)
+    return _CheckpointState(row[1], reached)
+
+
+def _checkpoint_params(run_id: int, defn: TaskDefinition, owner: str, claim: _Claim, **item) -> dict:
+    """Parameters of a checkpoint statement; ``item`` overrides the no-item defaults."""
+    return {
+        "processed": 0, "succeeded": 0, "skipped": 0, "failed": 0, "items": 0,
+        "seconds": 0.0, "bytes": 0, "writes": 0,
+        "issue": None, "item_id": None, "code": None, "renew": False,
+        "lock_id": defn.lock_id,
+        "lease": _lease_seconds(defn),
+        "batch": claim.batch_id,
+        "owner": owner,
+        "position": claim.position,
+        "run": run_id,
+        "max_issues": MAX_RECENT_ISSUES,
+        "channel": NOTIFY_CHANNEL,
+        **item,
+    }
+
+
+def _execute_checkpoint(sql: str, params: dict, *, after=None) -> tuple:
+    """Run a checkpoint statement, spinning briefly while another worker of the run holds
+    the try-lock. ``after`` (ledger writes) runs in the same transaction when the
+    statement matched the batch. Returns the row: (lock ok, run status or None, ...)."""
+    delay = 0.0005
+    while True:
+        with transaction.atomic() if after else nullcontext():  # alone, one statement is one transaction
+            # A server-side-bound cursor so psycopg prepares these hot statements once per
+            # connection (Django's client-side binding would re-plan them every item).
+            connection.ensure_connection()
+            with psycopg.Cursor(connection.connection) as cur:
+                cur.execute(sql, params, prepare=True)
+                row = cur.fetchone()
+            if row[0] and row[1] is not None and after is not None:
+                after()
+        if row[0]:
+            return row
+        time.sleep(delay * random.uniform(0.5, 1.5))
+        delay = min(delay * 2, 0.05)
 
 
 def _write_ledger(run_id: int, item_id: int, action: tuple[str, int], failure: ItemFailure | None) -> None:
@@ -895,11 +1007,11 @@ def _write_ledger(run_id: int, item_id: int, action: tuple[str, int], failure: I
     )
 
 
-def _release_batch(batch_id: int, owner: str) -> None:
-    """Give the rest of a batch back: the next kick adopts it immediately."""
-    AdminTaskBatch.objects.filter(pk=batch_id, lease_owner=owner).update(
-        lease_expires_at=timezone.now() - timedelta(seconds=1)
-    )
+def _release_batch(run_id: int, defn: TaskDefinition, owner: str, claim: _Claim) -> None:
+    """Give the rest of a batch back (the next kick adopts it at once), folding its
+    pending counters into the run. Does nothing if the lease was lost meanwhile."""
+    params = _checkpoint_params(run_id, defn, owner, claim, outcome="released")
+    _execute_checkpoint(_FOLD_SQL["release"], params)
 
 
 # --- finishing ---------------------------------------------------------------------------
@@ -936,6 +1048,7 @@ def _finish(run: AdminTaskRun, status: str, *, error: str = "") -> None:
     run.finished_at = timezone.now()
     run.lease_owner, run.lease_expires_at = "", None
     fields = ["status", "finished_at", "lease_owner", "lease_expires_at", "updated_at"]
+    fields += _drop_batches(run)
     if status == RunStatus.SUCCEEDED and run.processed != run.total:
         # Items that left the scope before their turn (deleted, or made ready by an
         # upload's own job) were never handed out: count them as skipped.
@@ -954,10 +1067,61 @@ def _finish(run: AdminTaskRun, status: str, *, error: str = "") -> None:
     run.timeline = [*(run.timeline or []), [round(time.time(), 1), run.processed]][-TIMELINE_MAX_POINTS:]
     fields.append("timeline")
     run.save(update_fields=fields)
-    AdminTaskBatch.objects.filter(run=run).delete()
     if status != RunStatus.SUCCEEDED:
         AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING).update(claimed=False)
     _notify(run.pk, "status", status=status, error=error or None)
+
+
+_PENDING_COLUMNS = ", ".join(f"pending_{name}" for name in _PENDING)
+
+
+def _drop_batches(run: AdminTaskRun) -> list[str]:
+    """Delete the run's batches, folding their pending counters into ``run`` (in memory;
+    the caller saves). Called with the run's advisory lock held, so no checkpoint races it.
+    Returns the fields changed."""
+    with connection.cursor() as cur:
+        cur.execute(f"DELETE FROM tasks_admintaskbatch WHERE run_id = %s RETURNING {_PENDING_COLUMNS}", [run.pk])
+        rows = cur.fetchall()
+    for processed, succeeded, skipped, seconds, nbytes, writes in rows:
+        run.processed += processed
+        run.spent_items += processed
+        run.succeeded += succeeded
+        run.skipped += skipped
+        run.spent_seconds += seconds
+        run.busy_seconds += seconds
+        run.spent_bytes += nbytes
+        run.spent_writes += writes
+    if not rows:
+        return []
+    return ["processed", "spent_items", "succeeded", "skipped", "spent_seconds", "busy_seconds", "spent_bytes", "spent_writes"]
+
+
+def live_counters(run: AdminTaskRun) -> dict[str, Any]:
+    """The run's counters as of now: its own plus what its batches still hold pending,
+    read in one statement (one snapshot, so a fold in between cannot be missed or
+    counted twice). A finished run has no batches and answers from ``run`` itself."""
+    names = ("processed", "succeeded", "skipped", "failed", "spent_items", "spent_seconds", "spent_bytes", "spent_writes")
+    own = {name: getattr(run, name) for name in names}
+    if run.status in RunStatus.finished() or run.pk is None:
+        return own
+    with connection.cursor() as cur:
+        cur.execute(
+            """
+            SELECT r.processed + coalesce(sum(b.pending_processed), 0),
+                   r.succeeded + coalesce(sum(b.pending_succeeded), 0),
+                   r.skipped + coalesce(sum(b.pending_skipped), 0),
+                   r.failed,
+                   r.spent_items + coalesce(sum(b.pending_processed), 0),
+                   r.spent_seconds + coalesce(sum(b.pending_seconds), 0),
+                   (r.spent_bytes + coalesce(sum(b.pending_bytes), 0))::bigint,
+                   r.spent_writes + coalesce(sum(b.pending_writes), 0)
+              FROM tasks_admintaskrun r LEFT JOIN tasks_admintaskbatch b ON b.run_id = r.id
+             WHERE r.id = %s GROUP BY r.id
+            """,
+            [run.pk],
+        )
+        row = cur.fetchone()
+    return own if row is None else dict(zip(names, row, strict=True))
 
 
 def _append_issue(run: AdminTaskRun, issue: dict) -> None:
@@ -973,6 +1137,8 @@ def _record_issue_now(run: AdminTaskRun, issue: dict) -> None:
 def _fail_run(run_id: int, defn: TaskDefinition, message: str) -> None:
     logger.error("run %s failed: %s", run_id, message)
     with transaction.atomic():
+        with connection.cursor() as cur:  # waits out any checkpoint in flight
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, run_id])
         run = AdminTaskRun.objects.select_for_update().get(pk=run_id)
         if run.status in RunStatus.finished():
             return

@@ -434,8 +434,9 @@ def _task_paths(prefix: str, task_key: str) -> dict[str, Schema]:
                 "tags": tag,
                 "summary": "Live progress as Server-Sent Events.",
                 "description": (
-                    "`event: snapshot` (the full run) first, then `event: item` and `event: status` as the "
-                    "engine checkpoints (from any worker on any host), a fresh snapshot at most every 0.5 s, "
+                    "`event: snapshot` (the full run) first, then `event: progress` (counters, the last item's "
+                    "id and outcome; as workers on any host fold their checkpoints into the run: each failure, "
+                    "each batch end, at least every 0.5 s) and `event: status`, a fresh snapshot at most every 0.5 s, "
                     "`: keepalive` comments every 15 s. Ends after the run finishes (final snapshot) or "
                     "after 10 minutes; clients reconnect, or poll GET runs/{run_id}."
                 ),

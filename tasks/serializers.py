@@ -17,6 +17,7 @@ def _iso(value: datetime | None) -> str | None:
 
 
 def run_to_dict(run: AdminTaskRun) -> dict[str, Any]:
+    live = engine.live_counters(run)  # includes items still pending on the run's batches
     return {
         "id": run.pk,
         "task_key": run.task_key,
@@ -25,17 +26,17 @@ def run_to_dict(run: AdminTaskRun) -> dict[str, Any]:
         "scope": run.scope,
         "budget": run.budget or {},
         "spent": {
-            "items": run.spent_items,
-            "seconds": round(run.spent_seconds, 3),
-            "bytes": run.spent_bytes,
-            "writes": run.spent_writes,
+            "items": live["spent_items"],
+            "seconds": round(live["spent_seconds"], 3),
+            "bytes": live["spent_bytes"],
+            "writes": live["spent_writes"],
         },
         "counters": {
             "total": run.total,
-            "processed": run.processed,
-            "succeeded": run.succeeded,
-            "skipped": run.skipped,
-            "failed": run.failed,
+            "processed": live["processed"],
+            "succeeded": live["succeeded"],
+            "skipped": live["skipped"],
+            "failed": live["failed"],
         },
         "cursor": run.cursor,
         "lease": {"owner": run.lease_owner, "expires_at": _iso(run.lease_expires_at)},
@@ -46,7 +47,7 @@ def run_to_dict(run: AdminTaskRun) -> dict[str, Any]:
         "started_at": _iso(run.started_at),
         "finished_at": _iso(run.finished_at),
         "updated_at": _iso(run.updated_at),
-        "progress": engine.progress(run),
+        "progress": engine.progress(run, processed=live["processed"]),
     }
 
 

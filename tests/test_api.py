@@ -483,8 +483,9 @@ def test_push_sign_matches_the_documented_recipe():
     }
 
 
-def signed_tick(client: Client, path: str, *, secret: str = SECRET, body: bytes = b"", ts=None, send=None):
-    headers = sign(secret, "POST", path, body, ts=ts)
+def signed_tick(client: Client, path: str, *, secret: str = SECRET, body: bytes = b"", skew_s=None, send=None):
+    # The timestamp is taken now, not at collection (a long session would age it).
+    headers = sign(secret, "POST", path, body, ts=None if skew_s is None else int(time.time()) + skew_s)
     return client.post(path, data=send if send is not None else body, content_type="application/json", headers=headers)
 
 
@@ -503,8 +504,8 @@ def test_signed_tick_with_either_secret(client, media_root, staff_user, secret):
     ("kwargs", "code"),
     [
         ({"secret": "wrong-secret"}, "invalid_signature"),
-        ({"ts": int(time.time()) - 301}, "invalid_signature"),
-        ({"ts": int(time.time()) + 400}, "invalid_signature"),
+        ({"skew_s": -301}, "invalid_signature"),
+        ({"skew_s": 400}, "invalid_signature"),
         ({"body": b'{"a": 1}', "send": b'{"a": 2}'}, "invalid_signature"),
     ],
 )

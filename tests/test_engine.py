@@ -294,6 +294,115 @@ def test_worker_that_lost_its_lease_writes_nothing():
     assert run.processed == 0 and run.lease_owner == "worker-b"
 
 
+# --- fast checkpoints and folding ----------------------------------------------------------
+
+
+def _claim_and_checkpoint(run: AdminTaskRun, owner: str, outcomes: list[str], *, fresh: bool = True):
+    """Claim a batch as ``owner`` and checkpoint its first items with ``outcomes``
+    ("succeeded" / "skipped") while the fold window is open; returns the claim."""
+    defn = engine._definition(run.task_key)
+    claim = engine._claim_batch(run.pk, defn, owner)
+    assert claim is not None
+    for kind in outcomes:
+        if fresh:
+            claim.folded_at = time.monotonic()  # inside FOLD_EVERY_S: the fast checkpoint
+        outcome = engine._Outcome(kind, result=engine.ItemResult(kind, bytes_written=10, objects_written=1), seconds=0.5)
+        state = engine._checkpoint(run.pk, defn, owner, claim, claim.item_ids[claim.position], outcome, None, False)
+        assert state is not None and state.status == RunStatus.RUNNING
+    return claim
+
+
+def test_fast_checkpoints_hold_clean_items_on_the_batch_and_readers_add_them():
+    from tasks.serializers import run_to_dict
+
+    make_images(8)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    claim = _claim_and_checkpoint(run, "worker-a", ["succeeded", "succeeded", "skipped"])
+    run.refresh_from_db()
+    batch = AdminTaskBatch.objects.get(pk=claim.batch_id)
+    # The run row is untouched; the batch holds the three items and has moved on.
+    assert (run.processed, run.spent_items) == (0, 0)
+    assert (batch.position, batch.pending_processed, batch.pending_succeeded, batch.pending_skipped) == (3, 3, 2, 1)
+    assert (batch.pending_bytes, batch.pending_writes) == (30, 3)
+    live = engine.live_counters(run)
+    assert (live["processed"], live["succeeded"], live["skipped"], live["spent_items"]) == (3, 2, 1, 3)
+    assert live["spent_bytes"] == 30 and live["spent_seconds"] == pytest.approx(1.5)
+    body = run_to_dict(run)
+    assert body["counters"] == {"total": 8, "processed": 3, "succeeded": 2, "skipped": 1, "failed": 0}
+    assert body["spent"]["items"] == 3 and body["progress"]["percent"] == pytest.approx(37.5)
+
+    # Releasing the batch folds them into the run row in the same statement.
+    engine._release_batch(run.pk, engine._definition(TEST_TASK_KEY), "worker-a", claim)
+    run.refresh_from_db()
+    batch.refresh_from_db()
+    assert (run.processed, run.succeeded, run.skipped, run.spent_items, run.spent_bytes) == (3, 2, 1, 3, 30)
+    assert (batch.pending_processed, batch.pending_succeeded, batch.pending_bytes) == (0, 0, 0)
+    assert batch.lease_expires_at <= timezone.now()
+    assert engine.live_counters(run)["processed"] == 3
+
+
+def test_checkpoint_folds_when_the_window_has_passed_and_on_failures():
+    make_images(6, titles={1: "fail-always"})
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    defn = engine._definition(TEST_TASK_KEY)
+    claim = _claim_and_checkpoint(run, "worker-a", ["succeeded"])
+    # The fold window has passed: this clean item folds itself and the one before it.
+    claim.folded_at = time.monotonic() - engine.FOLD_EVERY_S - 1
+    outcome = engine._Outcome("succeeded", result=engine.ItemResult("succeeded"))
+    engine._checkpoint(run.pk, defn, "worker-a", claim, claim.item_ids[1], outcome, None, False)
+    run.refresh_from_db()
+    assert run.processed == 2 and AdminTaskBatch.objects.get(pk=claim.batch_id).pending_processed == 0
+    # A failure is on the run row at once, whatever the window says.
+    claim.folded_at = time.monotonic()
+    failure = engine.ItemFailure(code="boom", stage="process", message="x", retryable=False)
+    engine._checkpoint(run.pk, defn, "worker-a", claim, claim.item_ids[2], engine._Outcome("failed", failure=failure), None, False)
+    run.refresh_from_db()
+    assert (run.processed, run.failed) == (3, 1)
+    assert run.recent_issues[0]["code"] == "boom"
+
+
+def test_adopted_batch_brings_its_pending_counters_and_counts_stay_exact():
+    make_images(4)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    claim = _claim_and_checkpoint(run, "worker-a", ["succeeded", "succeeded"])
+    # worker-a dies: its lease expires with two items pending on the batch.
+    AdminTaskBatch.objects.filter(pk=claim.batch_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert engine.live_counters(run)["processed"] == 2
+    run = engine.kick(run_id=run.pk, owner="worker-b")
+    assert run.status == RunStatus.SUCCEEDED
+    assert_counters_exact(run)
+    assert (run.processed, run.succeeded, run.spent_items) == (4, 4, 4)
+    # worker-b processed only the two items worker-a had not checkpointed.
+    calls = sorted(Image.objects.values_list("variants_attempts", flat=True))
+    assert calls == [0, 0, 1, 1]
+
+
+def test_cancel_and_failure_fold_what_held_batches_still_carry():
+    make_images(8)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    claim = _claim_and_checkpoint(run, "worker-a", ["succeeded", "skipped", "succeeded"])
+    AdminTaskBatch.objects.filter(pk=claim.batch_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    run = engine.cancel(run_id=run.pk)
+    assert run.status == RunStatus.CANCELLED
+    run.refresh_from_db()
+    assert (run.processed, run.succeeded, run.skipped, run.spent_items) == (3, 2, 1, 3)
+    assert not AdminTaskBatch.objects.filter(run=run).exists()
+
+    run2 = engine.create(task_key=TEST_TASK_KEY, scope={})
+    _claim_and_checkpoint(run2, "worker-a", ["succeeded"])
+    engine._fail_run(run2.pk, engine._definition(TEST_TASK_KEY), "storage gone")
+    run2.refresh_from_db()
+    assert run2.status == RunStatus.FAILED and run2.processed == 1 and run2.last_error == "storage gone"
+
+
+def test_budgeted_run_folds_every_checkpoint():
+    make_images(6)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={}, budget={"items": 100})
+    claim = _claim_and_checkpoint(run, "worker-a", ["succeeded", "succeeded"])
+    run.refresh_from_db()
+    assert run.spent_items == 2 and AdminTaskBatch.objects.get(pk=claim.batch_id).pending_processed == 0
+
+
 def test_tick_kicks_oldest_runnable_run():
     make_images(3)
     assert engine.tick(task_key=TEST_TASK_KEY) is None

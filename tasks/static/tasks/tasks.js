@@ -1,6 +1,6 @@
 /* /admin/tasks/: one controller per task panel, talking to the task JSON API.
  *
- * Live updates: an EventSource on runs/<id>/events ("snapshot", "item", "status");
+ * Live updates: an EventSource on runs/<id>/events ("snapshot", "progress", "status");
  * if the stream errors, poll runs/<id> every 2 s instead. When the page drives kicks
  * (PICSITE_ADMIN_PAGE_DRIVES_KICKS), it also POSTs runs/<id>/kick about every 4.5 s
  * while a run is active, one at a time. Vanilla JS, no build step.
@@ -586,7 +586,7 @@
       var d = parse(e);
       if (d && self.es === es) { self.setLive("stream"); self.applyRun(d.run || d); }
     });
-    es.addEventListener("item", function (e) { var d = parse(e); if (d && self.es === es) self.applyItem(d); });
+    es.addEventListener("progress", function (e) { var d = parse(e); if (d && self.es === es) self.applyProgress(d); });
     es.addEventListener("status", function (e) { var d = parse(e); if (d && self.es === es) self.applyStatus(d); });
     es.onerror = function () {
       if (self.es !== es) return;
@@ -626,7 +626,7 @@
     this.updateButtons();
   };
 
-  Panel.prototype.applyItem = function (d) {
+  Panel.prototype.applyProgress = function (d) {
     var run = this.active;
     if (!run || (d.run !== undefined && d.run !== run.id)) return;
     if (d.counters) run.counters = Object.assign({}, run.counters || {}, d.counters);
