@@ -66,7 +66,7 @@ def noop_definition():
         reject_unknown_keys(raw, set())
         return {}
 
-    def process(image, cancel) -> ItemResult:
+    def process(image, cancel, scope) -> ItemResult:
         return ItemResult("succeeded")
 
     return registry.register(

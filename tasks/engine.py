@@ -428,7 +428,7 @@ def kick(
             if claim is None:
                 break
             batches += 1
-            if not _work_batch(run_id, defn, owner, claim, deadline, worker):
+            if not _work_batch(run_id, defn, owner, claim, deadline, worker, run.scope):
                 break
             if max_batches is not None and batches >= max_batches:
                 break
@@ -660,12 +660,12 @@ class _Outcome:
     seconds: float = 0.0
 
 
-def _process_one(defn: TaskDefinition, run_id: int, item, worker: _ItemRunner) -> _Outcome:
+def _process_one(defn: TaskDefinition, run_id: int, item, worker: _ItemRunner, scope: dict) -> _Outcome:
     limit = settings.PICSITE_ITEM_TIME_LIMIT_S
     check = _CancelCheck(run_id, time.monotonic() + limit)
     started = time.monotonic()
     try:
-        result = worker.run(defn.process, item, check, timeout=limit + 1)
+        result = worker.run(defn.process, item, check, scope, timeout=limit + 1)
         kind = result.outcome
     except _ItemTimeout:
         check.abandoned.set()
@@ -693,7 +693,9 @@ def _backoff_seconds(attempts: int) -> float:
     return random.uniform(capped / 2, capped)  # "equal jitter"
 
 
-def _work_batch(run_id: int, defn: TaskDefinition, owner: str, claim: _Claim, deadline: float | None, worker) -> bool:
+def _work_batch(
+    run_id: int, defn: TaskDefinition, owner: str, claim: _Claim, deadline: float | None, worker, scope: dict
+) -> bool:
     """Process the claim's remaining items. Returns False when this worker must stop."""
     remaining = claim.item_ids[claim.position :]
     items = {obj.pk: obj for obj in defn.item_queryset().filter(pk__in=remaining)}
@@ -706,7 +708,7 @@ def _work_batch(run_id: int, defn: TaskDefinition, owner: str, claim: _Claim, de
         if item is None:
             outcome = _Outcome("skipped", result=ItemResult("skipped"))
         else:
-            outcome = _process_one(defn, run_id, item, worker)
+            outcome = _process_one(defn, run_id, item, worker, scope)
         if outcome.kind == "stopped":
             _release_batch(run_id, defn, owner, claim)
             return False

@@ -81,7 +81,8 @@ class TaskDefinition:
     scope_queryset: Callable[[dict[str, Any]], QuerySet]
     # All items the processor may be handed (a retry may outlive the scope filter).
     item_queryset: Callable[[], QuerySet]
-    process: Callable[[Model, Callable[[], None]], ItemResult]
+    # process(item, cancel check, the run's normalized scope) -> ItemResult.
+    process: Callable[[Model, Callable[[], None], dict[str, Any]], ItemResult]
     cost: CostModel
     # Raise TaskUnavailable when the task cannot run (checked at create and per batch).
     check_available: Callable[[], None] = field(default=lambda: None)

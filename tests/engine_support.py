@@ -32,7 +32,7 @@ def _normalize(raw: dict) -> dict:
     return {}
 
 
-def _process(image: Image, cancel) -> ItemResult:
+def _process(image: Image, cancel, scope: dict) -> ItemResult:
     Image.objects.filter(pk=image.pk).update(variants_attempts=F("variants_attempts") + 1)
     calls = Image.objects.filter(pk=image.pk).values_list("variants_attempts", flat=True).get()
     delay = float(os.environ.get("PICSITE_TEST_ITEM_DELAY", "0"))

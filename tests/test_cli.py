@@ -391,7 +391,7 @@ def test_preprocess_backfill_over_corpus_photos(photos, variant_root):
 
     code, out, _ = command("preprocess_backfill", "--ids", f"{photos[0].pk},{photos[1].pk}")
     assert code == 0
-    assert "2/2 processed" in out and "skipped 2" in out  # already ready: nothing re-encoded
+    assert "2/2 processed" in out and "succeeded 2, skipped 0" in out  # named images are regenerated
 
 
 def test_preprocess_backfill_lists_undecodable_originals(photos, media_root):

@@ -194,3 +194,24 @@ def test_serverless_tick_starts_a_run_for_new_images_only(corpus, local_storage,
     # The bad file is not picked up again by every later tick; nothing else is new.
     assert engine.tick(task_key="preprocess-images", create_if_idle=True) is None
     assert engine.tick(task_key="preprocess-images") is None
+
+
+@pytest.mark.parametrize("scope_of", [lambda img: {"force": True}, lambda img: {"image_ids": [img.pk]}])
+def test_force_and_explicit_ids_regenerate_current_variants(corpus, local_storage, scope_of):
+    (image,) = ingest(corpus, SMALL_PHOTOS[:1])
+    assert drain(engine.create(task_key="preprocess-images", scope={}).pk).succeeded == 1
+    image.refresh_from_db()
+    assert image.variants_ready
+    # The bucket lost an object: the default scope sees nothing to do...
+    widths = variant_recipe_current().tier_widths(image.width)
+    lost = variant_key(folder=local_storage.folder, image_key=image.image_key, width=widths[-1], fmt="avif")
+    local_storage.delete(lost)
+    assert not local_storage.exists(lost)
+    with pytest.raises(engine.EmptyScope):
+        engine.create(task_key="preprocess-images", scope={})
+    # ...while force (or naming the image) regenerates it rather than skipping it.
+    run = drain(engine.create(task_key="preprocess-images", scope=scope_of(image)).pk)
+    assert (run.status, run.succeeded, run.skipped) == (RunStatus.SUCCEEDED, 1, 0)
+    assert run.spent_bytes > 0 and local_storage.exists(lost)
+    image.refresh_from_db()
+    assert image.variants_ready and image.ready_max_width == widths[-1]

@@ -45,7 +45,7 @@ def scope_queryset(scope: dict):
     return alive
 
 
-def process(image: Image, cancel) -> ItemResult:
+def process(image: Image, cancel, scope: dict) -> ItemResult:
     try:
         changed = image_refresh_metadata(image=image, cancel=cancel)
     except OriginalFetchError as exc:

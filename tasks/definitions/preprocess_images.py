@@ -3,7 +3,9 @@
 Scope: {} = missing or stale by recipe; {"stale": true} = only stale;
 {"new_only": true} = never attempted and not ready (what a serverless tick starts);
 {"failed_only": true} = not ready and with a recorded error; {"force": true} = all;
-{"image_ids": [...]} = an explicit batch (up to 500).
+{"image_ids": [...]} = an explicit batch (up to 500). "force" and "image_ids" regenerate
+their images even when the variants are current (a wiped bucket, a repair); the other
+scopes skip what is already done.
 """
 
 from __future__ import annotations
@@ -77,13 +79,18 @@ def check_available() -> None:
         raise TaskUnavailable(str(exc)) from exc
 
 
-def process(image: Image, cancel) -> ItemResult:
+# Scopes whose images are regenerated even when their variants are current: "force"
+# (after a bucket was wiped or restored) and an explicit list of ids.
+REGENERATING_MODES = ("all", "ids")
+
+
+def process(image: Image, cancel, scope: dict) -> ItemResult:
     try:
         store = variant_store_resolve()
     except VariantStorageNotConfigured as exc:
         raise RunFatal(f"variant storage configuration removed: {exc}") from exc
     try:
-        outcome = preprocess_image(image, store, cancel, force=False)
+        outcome = preprocess_image(image, store, cancel, force=scope.get("mode") in REGENERATING_MODES)
     except ImageBusy as exc:
         # An upload's own job holds the image; look again shortly without using an attempt.
         raise ItemFailure(code="busy", stage="claim", message=str(exc), counts_attempt=False) from exc
@@ -109,11 +116,11 @@ DEFINITION = register(
         batch_size=4,
         lease_seconds=300,
         scope_fields=(
-            ScopeField("force", "bool", "All live images, even ready ones"),
+            ScopeField("force", "bool", "All live images, regenerated even when ready"),
             ScopeField("stale", "bool", "Only images made with an older recipe"),
             ScopeField("failed_only", "bool", "Only images whose last attempt failed"),
             ScopeField("new_only", "bool", "Only images never attempted (not ready, no recorded error)"),
-            ScopeField("image_ids", "int_list", f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids"),
+            ScopeField("image_ids", "int_list", f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids, regenerated"),
         ),
         normalize_scope=normalize_scope,
         scope_queryset=scope_queryset,

@@ -14,11 +14,11 @@ from tasks import cli
 class Command(BaseCommand):
     help = (
         "Generate image variants for images that miss them (default), or --stale, --force (all), "
-        "--failed-only, or --ids. Ctrl-C cancels the run. Exit 0 succeeded, 1 failed/cancelled/paused, 2 usage."
+        "--failed-only, or --ids (regenerated). Ctrl-C cancels the run. Exit 0 succeeded, 1 failed/cancelled/paused, 2 usage."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--force", action="store_true", help="every live image, even ready ones")
+        parser.add_argument("--force", action="store_true", help="every live image, regenerated even when ready (a wiped or restored bucket)")
         parser.add_argument("--stale", action="store_true", help="only images made with an older recipe")
         parser.add_argument("--failed-only", action="store_true", help="only images whose last attempt failed")
         cli.add_ids_flag(parser)
