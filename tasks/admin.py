@@ -12,6 +12,7 @@ from django.contrib import admin
 from django.urls import reverse
 from django.utils.html import format_html
 
+from tasks import engine
 from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun
 
 
@@ -106,8 +107,10 @@ class AdminTaskRunAdmin(ReadOnlyAdmin):
 
     @admin.display(description="processed", ordering="processed")
     def progress_display(self, obj: AdminTaskRun) -> str:
-        percent = 100.0 * obj.processed / obj.total if obj.total else 100.0
-        return f"{obj.processed}/{obj.total} ({percent:.0f}%)"
+        # Live: the run row plus what its batches hold pending (the raw fields below omit those).
+        processed = engine.live_counters(obj)["processed"]
+        percent = 100.0 * processed / obj.total if obj.total else 100.0
+        return f"{processed}/{obj.total} ({percent:.0f}%)"
 
     @admin.display(description="task page")
     def task_page_link(self, obj: AdminTaskRun) -> str:
@@ -138,7 +141,7 @@ class AdminTaskItemAdmin(ReadOnlyAdmin):
 
 @admin.register(AdminTaskBatch)
 class AdminTaskBatchAdmin(ReadOnlyAdmin):
-    list_display = ("id", "run", "size", "position", "is_retry", "lease_owner", "lease_expires_at", "created_at")
+    list_display = ("id", "run", "size", "position", "pending_processed", "is_retry", "lease_owner", "lease_expires_at", "created_at")
     list_filter = ("is_retry", "run__task_key")
     search_fields = ("=run__id", "lease_owner")
     list_select_related = ("run",)

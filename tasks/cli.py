@@ -258,7 +258,8 @@ def _create_or_adopt(task_key, scope, preview, budget, active, stdout, stderr) -
         run = active
         _line(
             stdout,
-            f"Adopting active run #{run.pk} of {task_key} ({run.status}, {run.processed}/{run.total} done, "
+            f"Adopting active run #{run.pk} of {task_key} ({run.status}, "
+            f"{engine.live_counters(run)['processed']}/{run.total} done, "
             f"scope {json.dumps(run.scope)}); it keeps its own scope.",
         )
         if preview.scope != run.scope:
