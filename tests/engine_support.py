@@ -14,6 +14,8 @@ import time
 from django.db.models import F
 
 from gallery.models import Image
+from tasks import engine
+from tasks.models import RunStatus
 from tasks.registry import (
     CostModel,
     ItemFailure,
@@ -86,3 +88,17 @@ def make_images(n: int, *, titles: dict[int, str] | None = None) -> list[Image]:
         for i in range(n)
     ]
     return Image.objects.bulk_create(rows)
+
+
+def checkpoint_clean_items(run, owner: str, outcomes: list[str]):
+    """Claim a batch as ``owner`` and checkpoint its first items with ``outcomes``
+    ("succeeded" / "skipped") while the fold window is open; returns the claim."""
+    defn = engine._definition(run.task_key)
+    claim = engine._claim_batch(run.pk, defn, owner)
+    assert claim is not None
+    for kind in outcomes:
+        claim.folded_at = time.monotonic()  # inside FOLD_EVERY_S: the fast checkpoint
+        outcome = engine._Outcome(kind, result=engine.ItemResult(kind, bytes_written=10, objects_written=1), seconds=0.5)
+        state = engine._checkpoint(run.pk, defn, owner, claim, claim.item_ids[claim.position], outcome, None, False)
+        assert state is not None and state.status == RunStatus.RUNNING
+    return claim

@@ -11,7 +11,7 @@ from django.urls import reverse
 import tests.engine_support  # noqa: F401  (registers "test-mark-ready", which the page must hide)
 from tasks import engine
 from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState
-from tests.engine_support import TEST_TASK_KEY, make_images
+from tests.engine_support import TEST_TASK_KEY, checkpoint_clean_items, make_images
 
 pytestmark = pytest.mark.django_db
 
@@ -159,3 +159,14 @@ def test_run_admin_lists_useful_columns(client, superuser, run_with_rows):
     detail = client.get(reverse("admin:tasks_admintaskrun_change", args=[run_with_rows.pk])).content.decode()
     assert "always fails" in detail  # the failed-item ledger inline
     assert f'href="{PAGE}"' in detail
+
+
+@pytest.mark.django_db(transaction=True)
+def test_run_admin_progress_counts_items_pending_on_batches(client, superuser):
+    make_images(8)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    checkpoint_clean_items(run, "worker-a", ["succeeded", "succeeded", "skipped"])
+    run.refresh_from_db()
+    assert run.processed == 0  # still on the batch row
+    html = login(client, superuser).get(reverse("admin:tasks_admintaskrun_changelist")).content.decode()
+    assert "3/8 (38%)" in html

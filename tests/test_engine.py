@@ -19,7 +19,7 @@ from django.utils import timezone
 from gallery.models import Image
 from tasks import engine
 from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
-from tests.engine_support import TEST_TASK_KEY, make_images
+from tests.engine_support import TEST_TASK_KEY, checkpoint_clean_items, make_images
 
 pytestmark = pytest.mark.django_db(transaction=True)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -297,27 +297,12 @@ def test_worker_that_lost_its_lease_writes_nothing():
 # --- fast checkpoints and folding ----------------------------------------------------------
 
 
-def _claim_and_checkpoint(run: AdminTaskRun, owner: str, outcomes: list[str], *, fresh: bool = True):
-    """Claim a batch as ``owner`` and checkpoint its first items with ``outcomes``
-    ("succeeded" / "skipped") while the fold window is open; returns the claim."""
-    defn = engine._definition(run.task_key)
-    claim = engine._claim_batch(run.pk, defn, owner)
-    assert claim is not None
-    for kind in outcomes:
-        if fresh:
-            claim.folded_at = time.monotonic()  # inside FOLD_EVERY_S: the fast checkpoint
-        outcome = engine._Outcome(kind, result=engine.ItemResult(kind, bytes_written=10, objects_written=1), seconds=0.5)
-        state = engine._checkpoint(run.pk, defn, owner, claim, claim.item_ids[claim.position], outcome, None, False)
-        assert state is not None and state.status == RunStatus.RUNNING
-    return claim
-
-
 def test_fast_checkpoints_hold_clean_items_on_the_batch_and_readers_add_them():
     from tasks.serializers import run_to_dict
 
     make_images(8)
     run = engine.create(task_key=TEST_TASK_KEY, scope={})
-    claim = _claim_and_checkpoint(run, "worker-a", ["succeeded", "succeeded", "skipped"])
+    claim = checkpoint_clean_items(run, "worker-a", ["succeeded", "succeeded", "skipped"])
     run.refresh_from_db()
     batch = AdminTaskBatch.objects.get(pk=claim.batch_id)
     # The run row is untouched; the batch holds the three items and has moved on.
@@ -345,7 +330,7 @@ def test_checkpoint_folds_when_the_window_has_passed_and_on_failures():
     make_images(6, titles={1: "fail-always"})
     run = engine.create(task_key=TEST_TASK_KEY, scope={})
     defn = engine._definition(TEST_TASK_KEY)
-    claim = _claim_and_checkpoint(run, "worker-a", ["succeeded"])
+    claim = checkpoint_clean_items(run, "worker-a", ["succeeded"])
     # The fold window has passed: this clean item folds itself and the one before it.
     claim.folded_at = time.monotonic() - engine.FOLD_EVERY_S - 1
     outcome = engine._Outcome("succeeded", result=engine.ItemResult("succeeded"))
@@ -364,7 +349,7 @@ def test_checkpoint_folds_when_the_window_has_passed_and_on_failures():
 def test_adopted_batch_brings_its_pending_counters_and_counts_stay_exact():
     make_images(4)
     run = engine.create(task_key=TEST_TASK_KEY, scope={})
-    claim = _claim_and_checkpoint(run, "worker-a", ["succeeded", "succeeded"])
+    claim = checkpoint_clean_items(run, "worker-a", ["succeeded", "succeeded"])
     # worker-a dies: its lease expires with two items pending on the batch.
     AdminTaskBatch.objects.filter(pk=claim.batch_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
     assert engine.live_counters(run)["processed"] == 2
@@ -380,7 +365,7 @@ def test_adopted_batch_brings_its_pending_counters_and_counts_stay_exact():
 def test_cancel_and_failure_fold_what_held_batches_still_carry():
     make_images(8)
     run = engine.create(task_key=TEST_TASK_KEY, scope={})
-    claim = _claim_and_checkpoint(run, "worker-a", ["succeeded", "skipped", "succeeded"])
+    claim = checkpoint_clean_items(run, "worker-a", ["succeeded", "skipped", "succeeded"])
     AdminTaskBatch.objects.filter(pk=claim.batch_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
     run = engine.cancel(run_id=run.pk)
     assert run.status == RunStatus.CANCELLED
@@ -389,7 +374,7 @@ def test_cancel_and_failure_fold_what_held_batches_still_carry():
     assert not AdminTaskBatch.objects.filter(run=run).exists()
 
     run2 = engine.create(task_key=TEST_TASK_KEY, scope={})
-    _claim_and_checkpoint(run2, "worker-a", ["succeeded"])
+    checkpoint_clean_items(run2, "worker-a", ["succeeded"])
     engine._fail_run(run2.pk, engine._definition(TEST_TASK_KEY), "storage gone")
     run2.refresh_from_db()
     assert run2.status == RunStatus.FAILED and run2.processed == 1 and run2.last_error == "storage gone"
@@ -398,7 +383,7 @@ def test_cancel_and_failure_fold_what_held_batches_still_carry():
 def test_budgeted_run_folds_every_checkpoint():
     make_images(6)
     run = engine.create(task_key=TEST_TASK_KEY, scope={}, budget={"items": 100})
-    claim = _claim_and_checkpoint(run, "worker-a", ["succeeded", "succeeded"])
+    claim = checkpoint_clean_items(run, "worker-a", ["succeeded", "succeeded"])
     run.refresh_from_db()
     assert run.spent_items == 2 and AdminTaskBatch.objects.get(pk=claim.batch_id).pending_processed == 0
 
