@@ -38,9 +38,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
 RUN python -m venv /opt/venv
-COPY requirements.lock /tmp/requirements.lock
+# The runtime-only lock (no pytest, moto, playwright...): `make lock` writes it.
+COPY requirements.prod.lock /tmp/requirements.prod.lock
 # Every pinned dependency ships a manylinux wheel: no compiler or apt packages needed.
-RUN /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.lock
+RUN /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.prod.lock
 
 
 FROM python:3.11-slim

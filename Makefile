@@ -2,7 +2,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: run test bench lint install soak
+.PHONY: run test bench lint install soak lock
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -27,3 +27,10 @@ bench: install
 
 soak: install
 	$(PY) bench/soak_crash.py
+
+# Re-pin after editing pyproject.toml: the dev lock (make install, CI) and the runtime-only
+# lock the Docker image installs, resolved alike (tests/test_dockerfile.py checks they agree).
+lock: install
+	$(PY) -m pip install -q uv==0.13.9
+	.venv/bin/uv pip compile pyproject.toml --extra dev -o requirements.lock --python-version 3.11
+	.venv/bin/uv pip compile pyproject.toml -o requirements.prod.lock --python-version 3.11

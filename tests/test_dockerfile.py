@@ -45,3 +45,29 @@ def test_dockerfile_runs_as_non_root_and_serves_uvicorn():
     assert "picsite.asgi:application" in text
     assert "HEALTHCHECK" in text
     assert "collectstatic" in text
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[name.split("[", 1)[0].strip().lower().replace("_", "-")] = version.split(";", 1)[0].strip()
+    return pins
+
+
+def test_image_installs_the_runtime_lock_which_agrees_with_the_dev_lock():
+    import tomllib
+
+    text = DOCKERFILE.read_text()
+    assert "pip install --no-cache-dir -r /tmp/requirements.prod.lock" in text
+    assert "requirements.lock" not in text.replace("requirements.prod.lock", "")  # no dev tools in the image
+    runtime, dev = _pins(REPO / "requirements.prod.lock"), _pins(REPO / "requirements.lock")
+    # Every runtime pin is the very version the tests ran with (both written by `make lock`).
+    assert {name: (version, dev.get(name)) for name, version in runtime.items() if dev.get(name) != version} == {}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = {d.split("==")[0].split("[")[0].split(">")[0].strip().lower() for d in project["dependencies"]}
+    assert declared <= set(runtime), declared - set(runtime)
+    dev_only = {d.split("==")[0].split("[")[0].split(">")[0].strip().lower() for d in project["optional-dependencies"]["dev"]}
+    assert not dev_only & set(runtime), dev_only & set(runtime)
