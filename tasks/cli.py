@@ -23,6 +23,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import TextIO
 
+from django.core.management.base import BaseCommand
 from django.utils import timezone
 
 from tasks import engine, registry
@@ -471,13 +472,43 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_ids_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--ids",
-        action="append",
-        metavar="1,2,3",
-        help="an explicit batch of image ids (comma-separated; may be given more than once)",
-    )
+class TaskCommand(BaseCommand):
+    """``manage.py <command>`` for one task: a flag per scope field of its definition
+    (``force`` -> ``--force``, ``image_ids`` -> ``--ids 1,2,3``), budget flags, ``--dry-run``
+    and ``--stall-seconds``. A command module sets ``task_key`` and ``help``."""
+
+    task_key: str
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        for scope_field in registry.get(self.task_key).scope_fields:
+            flag = "--ids" if scope_field.name == "image_ids" else "--" + scope_field.name.replace("_", "-")
+            if scope_field.type == "bool":
+                parser.add_argument(flag, dest=scope_field.name, action="store_true", help=scope_field.help)
+            elif scope_field.type == "int_list":
+                parser.add_argument(
+                    flag,
+                    dest=scope_field.name,
+                    action="append",
+                    metavar="1,2,3",
+                    help=f"{scope_field.help} (comma-separated; may be given more than once)",
+                )
+            else:
+                parser.add_argument(flag, dest=scope_field.name, choices=scope_field.choices, help=scope_field.help)
+        add_common_flags(parser)
+        add_budget_flags(parser)
+
+    def handle(self, *args, **options) -> None:
+        scope: dict = {}
+        try:
+            for scope_field in registry.get(self.task_key).scope_fields:
+                value = options.get(scope_field.name)
+                if scope_field.type == "int_list":
+                    value = parse_ids(value)
+                if value not in (None, False):
+                    scope[scope_field.name] = value
+        except UsageError as exc:
+            usage_exit(self, str(exc))
+        run_command(self, task_key=self.task_key, scope=scope, budget=budget_from_options(options), options=options)
 
 
 def budget_from_options(options: dict) -> dict | None:

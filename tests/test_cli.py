@@ -315,6 +315,7 @@ def test_real_sigint_during_an_item_cancels_cleanly():
         ("preprocess_backfill", ["--ids", "0"], "positive integer ids"),
         ("preprocess_backfill", ["--force", "--stale"], "choose one of force, stale"),
         ("preprocess_backfill", ["--failed-only", "--ids", "3"], "choose one of"),
+        ("preprocess_backfill", ["--new-only", "--stale"], "(got stale, new_only)"),
         ("metadata_refresh", ["--missing-only", "--ids", "1,2"], "choose one of missing_only, image_ids"),
         ("taskrun", ["no-such-task"], "unknown task"),
         ("taskrun", [TEST_TASK_KEY, "--scope", "{nope"], "--scope is not valid JSON"),
@@ -415,3 +416,16 @@ def test_metadata_refresh_over_corpus_photos(photos):
     assert code == 0, out + err
     assert "1/1 processed" in out
     assert Image.objects.get(pk=photos[2].pk).camera_make  # re-read from the EXIF
+
+
+def test_backfill_flags_follow_the_scope_fields(photos):
+    """Every scope field of preprocess-images is a flag of the command (TaskCommand)."""
+    from tasks import registry
+
+    names = {f.name for f in registry.get("preprocess-images").scope_fields}
+    assert names == {"force", "stale", "failed_only", "new_only", "image_ids"}
+    Image.objects.filter(pk=photos[0].pk).update(variants_error="decode/truncated: x")
+    code, out, _ = command("preprocess_backfill", "--new-only", "--dry-run")
+    assert code == 0 and "2 items would be processed" in out  # never attempted: not the failed one
+    code, out, _ = command("preprocess_backfill", "--failed-only", "--dry-run")
+    assert code == 0 and "1 items would be processed" in out
