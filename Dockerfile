@@ -25,8 +25,8 @@
 #   Run as many of each as you like, on any number of hosts: batches + leases keep them
 #   from doing an item twice (docs/deployment.md). Web and workers read and write the
 #   originals under /app/media, so every container needs the same media: one volume on one
-#   host; across hosts a shared filesystem for the originals plus S3 variant storage
-#   (PICSITE_VARIANT_STORAGE=s3).
+#   host; across hosts S3 for both (PICSITE_ORIGINALS_STORAGE=s3 with a private
+#   PICSITE_ORIGINALS_S3_BUCKET, PICSITE_VARIANT_STORAGE=s3) or a shared filesystem.
 #
 # Serverless (no worker): run only the web container and have a scheduler POST a signed
 # tick to /api/v1/preprocess-tasks/tick every minute (docs/deployment.md).

@@ -12,6 +12,7 @@ from django.http.multipartparser import MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
 
 from gallery.importer import IngestItem, IngestSource, ingest_uploads
+from gallery.services import OriginalStorageError
 from picsite.api_auth import ApiAuthError, api_error, api_user
 
 FILE_FIELDS = ("file", "files")
@@ -48,6 +49,9 @@ def images_create(request: HttpRequest) -> JsonResponse:
     )
     rejected = [_rejected_json(item) for item in report.rejected]
     if not report.accepted:
+        if all(item.code == OriginalStorageError.code for item in report.rejected):
+            # Not the files' fault: the server could not store them (503, try again).
+            return api_error(503, OriginalStorageError.code, "The originals storage is unavailable; nothing was saved.", rejected)
         return api_error(400, "all_rejected", f"None of the {len(uploads)} file(s) is an acceptable image.", rejected)
     return JsonResponse({"images": [_image_json(item) for item in report.accepted], "rejected": rejected}, status=201)
 

@@ -21,7 +21,12 @@ from django.db import transaction
 
 from gallery.imaging import ImageRejected
 from gallery.models import Image
-from gallery.services import image_ingest, image_key_for, image_variants_enqueue
+from gallery.services import (
+    OriginalStorageError,
+    image_ingest,
+    image_key_for,
+    image_variants_enqueue,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +102,7 @@ def ingest_one(*, source: IngestSource, uploaded_by=None) -> IngestItem:
     was_deleted = Image.objects.filter(image_key=image_key_for(data), deleted_at__isnull=False).exists()
     try:
         result = image_ingest(data=data, filename=source.name, uploaded_by=uploaded_by)
-    except ImageRejected as exc:
+    except (ImageRejected, OriginalStorageError) as exc:
         return IngestItem(source.name, "rejected", code=exc.code, message=exc.message)
     return IngestItem(
         source.name,

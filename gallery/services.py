@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError
 from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
@@ -48,6 +49,21 @@ class OriginalFetchError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class OriginalStorageError(Exception):
+    """Storing an upload's original failed (disk full, the originals bucket unreachable):
+    the upload is refused with nothing saved, and may simply be sent again."""
+
+    code = "storage_unavailable"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+# What the originals storage raises when it fails: the filesystem, or boto (S3 originals).
+_STORAGE_FAILURES: tuple[type[Exception], ...] = (OSError, BotoCoreError, ClientError)
 
 
 class VariantGenerationError(Exception):
@@ -119,7 +135,11 @@ def image_ingest(*, data: bytes, filename: str, title: str = "", uploaded_by=Non
         logger.warning("blurhash failed for %s", filename, exc_info=True)
 
     safe_name = key.split("/")[-1] + "." + _extension_for(meta.mime_type)
-    stored_name = default_storage.save(f"originals/{safe_name}", ContentFile(data))
+    try:
+        stored_name = default_storage.save(f"originals/{safe_name}", ContentFile(data))
+    except _STORAGE_FAILURES as exc:
+        logger.error("storing the original of %s failed: %s", filename, exc)
+        raise OriginalStorageError(f"The original could not be stored ({type(exc).__name__}); nothing was saved, send it again.") from exc
     image = Image(
         original=stored_name,
         title=title or _title_from_filename(filename),
@@ -203,7 +223,7 @@ def image_fetch_original(*, image: Image, timeout_s: float | None = None, cancel
                 chunks.append(chunk)
     except FileNotFoundError as exc:
         raise OriginalFetchError("missing_original", f"original file {image.original.name!r} is missing") from exc
-    except OSError as exc:
+    except _STORAGE_FAILURES as exc:
         raise OriginalFetchError("fetch_error", f"reading the original failed: {exc}") from exc
     return b"".join(chunks)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mimetypes
 from dataclasses import dataclass
+from functools import cache
 from typing import Protocol
 
 from django.conf import settings
@@ -88,24 +89,19 @@ class S3VariantStore:
     kind: str = "s3"
 
     def __post_init__(self) -> None:
-        from botocore.config import Config
         from storages.backends.s3 import S3Storage
 
-        # django-storages builds the boto3 session (credentials chain, endpoint, region).
         self._storage = S3Storage(
-            bucket_name=self.bucket,
-            region_name=self.region,
-            endpoint_url=self.endpoint_url,
-            access_key=self.access_key,
-            secret_key=self.secret_key,
-            file_overwrite=True,
-            querystring_auth=False,
-            client_config=Config(
-                connect_timeout=min(self.timeout_s, 10),
-                read_timeout=self.timeout_s,
-                retries={"max_attempts": 3, "mode": "standard"},
-                s3={"addressing_style": "path"} if self.endpoint_url else {},
+            **s3_storage_options(
+                bucket=self.bucket,
+                region=self.region,
+                endpoint_url=self.endpoint_url,
+                access_key=self.access_key,
+                secret_key=self.secret_key,
+                timeout_s=self.timeout_s,
             ),
+            file_overwrite=True,  # content-addressed keys: a rewrite is the same object
+            querystring_auth=False,
         )
 
     def put(self, key: str, data: bytes, content_type: str) -> None:
@@ -164,3 +160,66 @@ def variant_store_resolve() -> VariantStore:
         f"PICSITE_VARIANT_STORAGE={kind or '(empty)'!s}: variant generation is off. "
         "Set it to 'local' or 's3' (with PICSITE_S3_BUCKET)."
     )
+
+
+def s3_storage_options(
+    *,
+    bucket: str,
+    region: str,
+    endpoint_url: str | None,
+    access_key: str | None,
+    secret_key: str | None,
+    timeout_s: float,
+) -> dict:
+    """django-storages ``S3Storage`` options shared by the variant and originals buckets:
+    django-storages builds the boto3 session (credentials chain, endpoint, region); an
+    endpoint URL (R2, MinIO, moto) gets path-style addressing."""
+    from botocore.config import Config
+
+    return {
+        "bucket_name": bucket,
+        "region_name": region,
+        "endpoint_url": endpoint_url,
+        "access_key": access_key,
+        "secret_key": secret_key,
+        "client_config": Config(
+            connect_timeout=min(timeout_s, 10),
+            read_timeout=timeout_s,
+            retries={"max_attempts": 3, "mode": "standard"},
+            s3={"addressing_style": "path"} if endpoint_url else {},
+        ),
+    }
+
+
+@cache
+def _originals_s3_storage_class() -> type:
+    from storages.backends.s3 import S3Storage
+
+    class OriginalsS3Storage(S3Storage):
+        """Originals in a private bucket (``PICSITE_ORIGINALS_STORAGE=s3``).
+
+        Originals may carry GPS and are never served, so the bucket should not be public;
+        ``url()`` would only ever give short-lived signed URLs. Names never collide
+        (content-addressed), so ``file_overwrite`` stays off as a guard.
+        """
+
+        def __init__(self, **overrides):
+            options = s3_storage_options(
+                bucket=settings.PICSITE_ORIGINALS_S3_BUCKET,
+                region=settings.PICSITE_S3_REGION,
+                endpoint_url=settings.PICSITE_S3_ENDPOINT_URL,
+                access_key=settings.PICSITE_S3_ACCESS_KEY_ID,
+                secret_key=settings.PICSITE_S3_SECRET_ACCESS_KEY,
+                timeout_s=settings.PICSITE_S3_TIMEOUT_S,
+            )
+            super().__init__(**{**options, "file_overwrite": False, "querystring_auth": True, **overrides})
+
+    return OriginalsS3Storage
+
+
+def __getattr__(name: str):
+    # STORAGES names "gallery.storage.OriginalsS3Storage"; built on first use so that
+    # importing this module does not import boto3.
+    if name == "OriginalsS3Storage":
+        return _originals_s3_storage_class()
+    raise AttributeError(name)

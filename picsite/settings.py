@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -114,7 +115,7 @@ MEDIA_ROOT = Path(os.environ.get("PICSITE_MEDIA_ROOT", BASE_DIR / "media"))
 WHITENOISE_USE_FINDERS = DEBUG  # serve app static files without collectstatic in dev
 
 STORAGES = {
-    # Originals. Kept local by default; any Django storage works.
+    # Originals: local by default; PICSITE_ORIGINALS_STORAGE=s3 below swaps in a bucket.
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
@@ -157,6 +158,18 @@ PICSITE_S3_ACCESS_KEY_ID = os.environ.get("PICSITE_S3_ACCESS_KEY_ID", "") or Non
 PICSITE_S3_SECRET_ACCESS_KEY = os.environ.get("PICSITE_S3_SECRET_ACCESS_KEY", "") or None
 PICSITE_S3_PUBLIC_BASE_URL = os.environ.get("PICSITE_S3_PUBLIC_BASE_URL", "")
 PICSITE_S3_TIMEOUT_S = env_float("PICSITE_S3_TIMEOUT_S", 20)
+
+# Originals: "local" (MEDIA_ROOT/originals, default) or "s3": PICSITE_ORIGINALS_S3_BUCKET, a
+# private bucket (originals may carry GPS and are never served) on the same endpoint, region
+# and keys as the variants. With several hosts, S3 originals need no shared filesystem.
+PICSITE_ORIGINALS_STORAGE = os.environ.get("PICSITE_ORIGINALS_STORAGE", "local").strip().lower()
+PICSITE_ORIGINALS_S3_BUCKET = os.environ.get("PICSITE_ORIGINALS_S3_BUCKET", "")
+if PICSITE_ORIGINALS_STORAGE == "s3":
+    if not PICSITE_ORIGINALS_S3_BUCKET:
+        raise ImproperlyConfigured("PICSITE_ORIGINALS_STORAGE=s3 needs PICSITE_ORIGINALS_S3_BUCKET (a private bucket).")
+    STORAGES["default"] = {"BACKEND": "gallery.storage.OriginalsS3Storage"}
+elif PICSITE_ORIGINALS_STORAGE != "local":
+    raise ImproperlyConfigured(f"PICSITE_ORIGINALS_STORAGE must be 'local' or 's3', not {PICSITE_ORIGINALS_STORAGE!r}.")
 
 # Per-upload django-q2 task retries (exponential backoff).
 PICSITE_UPLOAD_MAX_ATTEMPTS = env_int("PICSITE_UPLOAD_MAX_ATTEMPTS", 4)

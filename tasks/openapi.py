@@ -42,6 +42,7 @@ ERROR_RESPONSES: dict[str, str] = {
     "409": "Another run of this task is active, or the transition is not allowed in the run's state.",
     "413": "The request body is too large.",
     "422": "The scope matches nothing, or variant storage is not configured.",
+    "503": "The originals storage could not store the upload (code storage_unavailable); nothing was saved.",
 }
 
 
@@ -511,6 +512,7 @@ def _images_path() -> dict[str, Schema]:
                     "403": _error("403"),
                     "405": _error("405"),
                     "413": _error("413"),
+                    "503": _error("503"),
                     "default": {"description": "Any other error.", "content": {"application/json": {"schema": _ref("Error")}}},
                 },
             }
