@@ -314,7 +314,7 @@ def _drain(
 ) -> int:
     owner = f"cli-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     bar = _Progress(stdout, is_tty=is_tty, clock=clock)
-    last_processed = run.processed
+    last_processed = engine.live_counters(run)["processed"]
     last_change = clock()
     try:
         bar.update(run, force=True)
@@ -325,8 +325,9 @@ def _drain(
             if run.status in RunStatus.finished() or run.status == RunStatus.PAUSED:
                 break
             now = clock()
-            if run.processed != last_processed:
-                last_processed, last_change = run.processed, now
+            processed = engine.live_counters(run)["processed"]  # other workers' pending items count too
+            if processed != last_processed:
+                last_processed, last_change = processed, now
                 continue
             wait = _waiting_on_backoff(run)
             if wait is not None and not _fresh_work(run):
@@ -388,11 +389,12 @@ def _interrupted(run_id: int, owner: str, stdout, stderr) -> int:
 
 def _summary(run: AdminTaskRun, stdout) -> int:
     run.refresh_from_db()
-    p = engine.progress(run)
+    c = engine.live_counters(run)  # a paused run's batches may still hold pending items
+    p = engine.progress(run, processed=c["processed"])
     _line(
         stdout,
-        f"Run #{run.pk} {run.status}: {run.processed}/{run.total} processed in {_fmt_duration(p['elapsed_seconds'])} - "
-        f"succeeded {run.succeeded}, skipped {run.skipped}, failed {run.failed}.",
+        f"Run #{run.pk} {run.status}: {c['processed']}/{run.total} processed in {_fmt_duration(p['elapsed_seconds'])} - "
+        f"succeeded {c['succeeded']}, skipped {c['skipped']}, failed {c['failed']}.",
     )
     failed = list(
         AdminTaskItem.objects.filter(run=run, state=ItemState.FAILED).order_by("item_id")[: MAX_FAILED_LISTED + 1]

@@ -790,24 +790,27 @@ SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes
   FROM lk LEFT JOIN tasks_admintaskrun r ON r.id = %(run)s::bigint AND EXISTS (SELECT 1 FROM b)
 """
 
-# How a folding statement takes the batch's pending counters (old values) as it
-# advances, finishes or releases the batch.
+# How a folding statement takes the batch's pending counters as it advances, finishes or
+# releases the batch. The old values come from a locking read (FOR UPDATE re-reads the
+# row's latest version once it holds it), not from a self-join, which would return the
+# statement's snapshot and zero anything committed after it.
+_LOCKED_BATCH = f"(SELECT id, {', '.join(f'pending_{n}' for n in _PENDING)} FROM tasks_admintaskbatch WHERE {_mine()} FOR UPDATE) AS ob"
 _FOLD_BATCH = {
     # Advance the batch (renewing its lease when due) and zero its pending counters.
     "advance": f"""UPDATE tasks_admintaskbatch AS nb
        SET position = nb.position + 1, lease_expires_at = {_RENEWED_LEASE.format(col="nb.lease_expires_at")},
            {_ZERO_PENDING}
-      FROM tasks_admintaskbatch AS ob
-     WHERE ob.id = nb.id AND {_mine("nb")}
+      FROM {_LOCKED_BATCH}
+     WHERE nb.id = ob.id
     RETURNING {_TAKE_PENDING.format(src="ob.")}""",
-    # The batch's last item: the batch row goes.
+    # The batch's last item: the batch row goes (DELETE returns its latest version).
     "done": f"""DELETE FROM tasks_admintaskbatch WHERE {_mine()}
     RETURNING {_TAKE_PENDING.format(src="")}""",
     # Stopping early: hand the rest back with an expired lease (the next kick adopts it).
     "release": f"""UPDATE tasks_admintaskbatch AS nb
        SET lease_expires_at = now() - interval '1 second', {_ZERO_PENDING}
-      FROM tasks_admintaskbatch AS ob
-     WHERE ob.id = nb.id AND {_mine("nb")}
+      FROM {_LOCKED_BATCH}
+     WHERE nb.id = ob.id
     RETURNING {_TAKE_PENDING.format(src="ob.")}""",
 }
 
@@ -845,9 +848,12 @@ r AS (
               run.processed, run.succeeded, run.skipped, run.failed, run.total
 ),
 o AS (
+    -- FOR SHARE: the other batches as they are now (a fold committed after this
+    -- statement's snapshot has moved their counters into r already).
     SELECT coalesce(sum(pending_processed), 0) AS processed, coalesce(sum(pending_succeeded), 0) AS succeeded,
            coalesce(sum(pending_skipped), 0) AS skipped
-      FROM tasks_admintaskbatch WHERE run_id = %(run)s::bigint AND id <> %(batch)s::bigint
+      FROM (SELECT pending_processed, pending_succeeded, pending_skipped FROM tasks_admintaskbatch
+             WHERE run_id = %(run)s::bigint AND id <> %(batch)s::bigint FOR SHARE) AS others
 )
 SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes,
        CASE WHEN r.status IS NULL THEN NULL ELSE pg_notify(%(channel)s::text, json_build_object(
@@ -935,8 +941,14 @@ def _checkpoint(run_id, defn, owner, claim: _Claim, item_id, outcome: _Outcome, 
     budget, spent_items, spent_seconds, spent_bytes = row[2:6]
     b = (json.loads(budget) if isinstance(budget, str) else budget) or {}  # Django loads jsonb as text
     claim.budgeted = bool(b)
-    if fast:  # spent_* leave out the batches' pending counters; the next (folding) checkpoint checks
-        return _CheckpointState(row[1], False)
+    if fast:
+        if not b:
+            return _CheckpointState(row[1], False)
+        # A budget was set since this batch was claimed: spent_* leave out the batches'
+        # pending counters, so check against the live ones (from here on every item folds).
+        run = AdminTaskRun.objects.get(pk=run_id)
+        cost = _run_item_cost(run)
+        return _CheckpointState(row[1], _budget_exhausted(run, cost["seconds"], cost["bytes"]) is not None)
     per_s = spent_seconds / spent_items if spent_items else 0
     per_b = spent_bytes / spent_items if spent_items else 0
     reached = (
@@ -965,21 +977,38 @@ def _checkpoint_params(run_id: int, defn: TaskDefinition, owner: str, claim: _Cl
     }
 
 
+_STALE_PREPARED = (psycopg.errors.FeatureNotSupported, psycopg.errors.InvalidSqlStatementName)
+
+
 def _execute_checkpoint(sql: str, params: dict, *, after=None) -> tuple:
     """Run a checkpoint statement, spinning briefly while another worker of the run holds
     the try-lock. ``after`` (ledger writes) runs in the same transaction when the
     statement matched the batch. Returns the row: (lock ok, run status or None, ...)."""
     delay = 0.0005
+    reprepared = False
     while True:
-        with transaction.atomic() if after else nullcontext():  # alone, one statement is one transaction
-            # A server-side-bound cursor so psycopg prepares these hot statements once per
-            # connection (Django's client-side binding would re-plan them every item).
-            connection.ensure_connection()
+        try:
+            with transaction.atomic() if after else nullcontext():  # alone, one statement is one transaction
+                # A server-side-bound cursor so psycopg prepares these hot statements once per
+                # connection (Django's client-side binding would re-plan them every item).
+                connection.ensure_connection()
+                with psycopg.Cursor(connection.connection) as cur:
+                    cur.execute(sql, params, prepare=True)
+                    row = cur.fetchone()
+                if row[0] and row[1] is not None and after is not None:
+                    after()
+        except _STALE_PREPARED as exc:
+            # A migration changed a column these statements return ("cached plan must not
+            # change result type"), or the statement is gone (DISCARD ALL, a pooler):
+            # nothing was written. Drop this connection's prepared statements (psycopg
+            # forgets its own on DEALLOCATE ALL) and prepare afresh, once.
+            if reprepared:
+                raise
+            logger.warning("checkpoint statement re-prepared after: %s", exc)
+            reprepared = True
             with psycopg.Cursor(connection.connection) as cur:
-                cur.execute(sql, params, prepare=True)
-                row = cur.fetchone()
-            if row[0] and row[1] is not None and after is not None:
-                after()
+                cur.execute("DEALLOCATE ALL")
+            continue
         if row[0]:
             return row
         time.sleep(delay * random.uniform(0.5, 1.5))

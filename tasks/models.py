@@ -125,12 +125,13 @@ class AdminTaskBatch(models.Model):
     # yet folded into the run: a fast checkpoint writes only this row, a fold moves them
     # to the run (at least every PICSITE_FOLD_EVERY_S, at batch end, release and finish).
     # Readers add them (``engine.live_counters``); they travel with the batch on adoption.
-    pending_processed = models.PositiveIntegerField(default=0)
-    pending_succeeded = models.PositiveIntegerField(default=0)
-    pending_skipped = models.PositiveIntegerField(default=0)
-    pending_seconds = models.FloatField(default=0)
-    pending_bytes = models.BigIntegerField(default=0)
-    pending_writes = models.PositiveIntegerField(default=0)
+    # Database defaults, so code from before these columns can still insert batches.
+    pending_processed = models.PositiveIntegerField(db_default=0)
+    pending_succeeded = models.PositiveIntegerField(db_default=0)
+    pending_skipped = models.PositiveIntegerField(db_default=0)
+    pending_seconds = models.FloatField(db_default=0)
+    pending_bytes = models.BigIntegerField(db_default=0)
+    pending_writes = models.PositiveIntegerField(db_default=0)
 
     def __str__(self) -> str:
         return f"batch #{self.pk} of run #{self.run_id} ({self.position}/{len(self.item_ids)})"

@@ -3,6 +3,7 @@ leases, concurrency and crash recovery."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -12,6 +13,7 @@ import threading
 import time
 from datetime import timedelta
 
+import psycopg
 import pytest
 from django.db import connection
 from django.utils import timezone
@@ -42,9 +44,14 @@ def drain(run_id: int, *, rounds: int = 200) -> AdminTaskRun:
     raise AssertionError(f"run {run_id} did not finish: {AdminTaskRun.objects.get(pk=run_id).status}")
 
 
-def assert_counters_exact(run: AdminTaskRun) -> None:
+def assert_counters_exact(run: AdminTaskRun, *, left_scope: int = 0) -> None:
     assert run.processed == run.total
     assert run.succeeded + run.skipped + run.failed == run.processed
+    # A success tops up a shortfall as "skipped" with a left_scope issue (items that left
+    # the scope before their turn): that must not hide lost counts where nothing left.
+    gaps = [i["message"] for i in run.recent_issues if i.get("code") == "left_scope"]
+    assert gaps == ([f"{left_scope} items left the scope during the run"] if left_scope else []), gaps
+    assert run.spent_items >= run.processed - left_scope  # one per checkpointed attempt
 
 
 # --- refusals (table-driven) ----------------------------------------------------------------
@@ -137,7 +144,7 @@ def test_item_leaving_scope_is_counted_as_skipped():
     Image.objects.filter(pk=images[-1].pk).update(variants_ready=True)  # e.g. its upload job finished
     run = drain(run.pk)
     assert run.status == RunStatus.SUCCEEDED
-    assert_counters_exact(run)
+    assert_counters_exact(run, left_scope=1)
     assert run.skipped == 1
 
 
@@ -380,6 +387,109 @@ def test_cancel_and_failure_fold_what_held_batches_still_carry():
     assert run2.status == RunStatus.FAILED and run2.processed == 1 and run2.last_error == "storage gone"
 
 
+def _second_connection() -> psycopg.Connection:
+    s = connection.settings_dict
+    return psycopg.connect(dbname=s["NAME"], user=s["USER"], host=s["HOST"], port=s["PORT"], autocommit=False)
+
+
+def _fold_in_thread(run, claim, owner: str) -> threading.Thread:
+    """Start a folding checkpoint of ``claim``'s next item on its own connection."""
+
+    def fold() -> None:
+        try:
+            claim.folded_at = 0.0  # the fold window has passed
+            outcome = engine._Outcome("succeeded", result=engine.ItemResult("succeeded"), seconds=0.1)
+            defn = engine._definition(run.task_key)
+            engine._checkpoint(run.pk, defn, owner, claim, claim.item_ids[claim.position], outcome, None, False)
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=fold)
+    thread.start()
+    return thread
+
+
+def test_fold_takes_pending_counters_committed_after_its_snapshot():
+    make_images(12)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    claim = checkpoint_clean_items(run, "worker-a", ["succeeded", "succeeded"])
+    # Another transaction holds the batch row with 5 more pending items when the fold starts.
+    other = _second_connection()
+    other.execute(
+        "UPDATE tasks_admintaskbatch SET pending_processed = pending_processed + 5,"
+        " pending_succeeded = pending_succeeded + 5 WHERE id = %s",
+        [claim.batch_id],
+    )
+    thread = _fold_in_thread(run, claim, "worker-a")
+    time.sleep(0.5)
+    other.commit()
+    other.close()
+    thread.join(10)
+    run.refresh_from_db()
+    # 2 + 5 pending + the folding item: nothing zeroed without being counted.
+    assert (run.processed, run.succeeded) == (8, 8)
+    assert AdminTaskBatch.objects.get(pk=claim.batch_id).pending_processed == 0
+
+
+def test_progress_notify_counts_a_fold_committed_after_the_snapshot_once():
+    make_images(40)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    first = checkpoint_clean_items(run, "worker-a", ["succeeded", "succeeded", "succeeded"])
+    second = checkpoint_clean_items(run, "worker-b", ["succeeded"])
+    listener = _second_connection()
+    listener.autocommit = True
+    listener.execute(f"LISTEN {engine.NOTIFY_CHANNEL}")
+    # worker-a's fold (3 items to the run row) commits while worker-b's fold waits on the row.
+    other = _second_connection()
+    other.execute("UPDATE tasks_admintaskrun SET processed = processed + 3, succeeded = succeeded + 3 WHERE id = %s", [run.pk])
+    other.execute("UPDATE tasks_admintaskbatch SET pending_processed = 0, pending_succeeded = 0 WHERE id = %s", [first.batch_id])
+    thread = _fold_in_thread(run, second, "worker-b")
+    time.sleep(0.5)
+    other.commit()
+    other.close()
+    thread.join(10)
+    payloads = [json.loads(n.payload) for n in listener.notifies(timeout=2, stop_after=1)]
+    listener.close()
+    assert payloads and payloads[0]["event"] == "progress"
+    assert payloads[0]["counters"]["processed"] == engine.live_counters(run)["processed"] == 5
+
+
+def test_checkpoint_survives_a_migration_that_changes_its_result_type():
+    """A prepared checkpoint whose result type changed (a migration widened a column) is
+    re-prepared instead of failing every later checkpoint on that connection."""
+    make_images(12)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    claim = checkpoint_clean_items(run, "worker-a", ["succeeded"])  # prepared now
+    other = _second_connection()
+    try:
+        other.execute("ALTER TABLE tasks_admintaskrun ALTER COLUMN status TYPE varchar(32)")
+        other.commit()
+        checkpoint_more = engine._Outcome("succeeded", result=engine.ItemResult("succeeded"))
+        defn = engine._definition(TEST_TASK_KEY)
+        for _ in range(2):
+            claim.folded_at = time.monotonic()
+            state = engine._checkpoint(run.pk, defn, "worker-a", claim, claim.item_ids[claim.position], checkpoint_more, None, False)
+            assert state is not None and state.status == RunStatus.RUNNING
+        assert AdminTaskBatch.objects.get(pk=claim.batch_id).pending_processed == 3
+    finally:
+        other.execute("ALTER TABLE tasks_admintaskrun ALTER COLUMN status TYPE varchar(16)")
+        other.commit()
+        other.close()
+
+
+def test_budget_set_mid_batch_stops_the_fast_path_at_the_live_count():
+    make_images(8)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    claim = checkpoint_clean_items(run, "worker-a", ["succeeded", "succeeded"])  # pending on the batch
+    engine.set_budget(run_id=run.pk, budget={"items": 3})
+    defn = engine._definition(TEST_TASK_KEY)
+    claim.folded_at = time.monotonic()
+    outcome = engine._Outcome("succeeded", result=engine.ItemResult("succeeded"))
+    state = engine._checkpoint(run.pk, defn, "worker-a", claim, claim.item_ids[2], outcome, None, False)
+    assert state.budget_reached  # 3 of 3 items spent, counting the batch's pending ones
+    assert claim.budgeted  # every later checkpoint of this batch folds
+
+
 def test_budgeted_run_folds_every_checkpoint():
     make_images(6)
     run = engine.create(task_key=TEST_TASK_KEY, scope={}, budget={"items": 100})
@@ -428,6 +538,7 @@ def test_eight_concurrent_kickers_process_each_item_exactly_once(settings):
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED
     assert_counters_exact(run)
+    assert (run.succeeded, run.spent_items) == (80, 80)
     calls = list(Image.objects.values_list("variants_attempts", flat=True))
     assert calls == [1] * 80
 
@@ -493,7 +604,8 @@ def test_sigkilled_workers_are_adopted_and_counters_stay_exact(seed):
         run = drain(run.pk)
     assert run.status == RunStatus.SUCCEEDED
     assert_counters_exact(run)
-    assert run.succeeded + run.skipped == 160
+    # The test processor always succeeds, also when it reruns a killed worker's item.
+    assert (run.succeeded, run.skipped, run.spent_items) == (160, 0, 160)
     assert not Image.objects.filter(variants_ready=False).exists()
 
 
