@@ -133,6 +133,9 @@ def soak(args) -> int:
         "run succeeded": run.status == RunStatus.SUCCEEDED,
         "processed == total == rows": run.processed == run.total == args.rows,
         "succeeded + skipped + failed == processed": run.succeeded + run.skipped + run.failed == run.processed,
+        # Every row counted by a checkpoint, none topped up at the end as "left the scope".
+        "succeeded == spent items == rows": run.succeeded == run.spent_items == args.rows,
+        "no left_scope top-up": not any(i.get("code") == "left_scope" for i in run.recent_issues),
         "no failed items": run.failed == 0,
         "every row ready": not_ready == 0,
         "every row processed at least once": never == 0,
