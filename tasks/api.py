@@ -519,6 +519,10 @@ async def _run_events(*, run_id: int, conninfo: str) -> AsyncIterator[bytes]:
                 state = await snapshot(run_id)
                 if state is None:
                     return
+                if not run_done and state["status"] in finished:
+                    # The run ended before its status NOTIFY reached this stream: the
+                    # stream still ends with a status event and then the final snapshot.
+                    yield _sse("status", {"run": run_id, "event": "status", "status": state["status"]})
                 yield _sse("snapshot", state)
                 if run_done or state["status"] in finished:
                     return

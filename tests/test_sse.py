@@ -229,3 +229,26 @@ def test_client_disconnect_releases_the_listen_connection(live, staff_user):
     while listeners() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert listeners() == 0
+
+
+def test_stream_that_sees_the_end_in_a_snapshot_still_sends_the_status(live, staff_user):
+    """The run ends with no status NOTIFY reaching the stream first (here: none at all):
+    the snapshot that shows it finished is preceded by a status event, and ends the stream."""
+    from django.db import connection
+
+    from tasks.models import AdminTaskRun
+
+    make_images(1)
+    token = api_token_create(user=staff_user, name="sse")[1]
+    run = engine.create(task_key="metadata-refresh", scope={})
+    reader = EventReader(open_stream(live, f"{META}/runs/{run.pk}/events", token))
+    assert reader.next().name == "snapshot"
+    AdminTaskRun.objects.filter(pk=run.pk).update(status="succeeded")  # no NOTIFY of its own
+    with connection.cursor() as cur:  # a progress event makes the stream take a snapshot
+        payload = json.dumps({"run": run.pk, "event": "progress", "counters": {}})
+        cur.execute("SELECT pg_notify(%s, %s)", [engine.NOTIFY_CHANNEL, payload])
+    tail = []
+    while (event := reader.next(timeout=10)) is not None:
+        tail.append(event)
+    assert [e.name for e in tail] == ["progress", "status", "snapshot"]
+    assert tail[1].data["status"] == tail[2].data["status"] == "succeeded"
