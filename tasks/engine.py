@@ -109,6 +109,12 @@ def _lease_seconds(defn: TaskDefinition) -> float:
     return settings.PICSITE_LEASE_OVERRIDE_S or defn.lease_seconds
 
 
+def _run_key(run_id: int) -> int:
+    """The run's half of its advisory-lock key: an int4 in 1..2**31-1 (0 is the task-wide
+    key of create and retry_failed); the checkpoint statements compute the same in SQL."""
+    return (run_id - 1) % 2147483647 + 1
+
+
 def _get_run(run_id: int) -> AdminTaskRun:
     try:
         return AdminTaskRun.objects.get(pk=run_id)
@@ -280,7 +286,7 @@ def cancel(*, run_id: int) -> AdminTaskRun:
     defn = _definition(run.task_key)
     with transaction.atomic():
         with connection.cursor() as cur:
-            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, run.pk])
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, _run_key(run.pk)])
         run = AdminTaskRun.objects.select_for_update().get(pk=run.pk)
         if run.status in RunStatus.finished():
             raise InvalidTransition(f"run #{run.pk} already {run.status}")
@@ -301,7 +307,7 @@ def retry_failed(*, run_id: int) -> AdminTaskRun:
     with transaction.atomic():
         with connection.cursor() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s, 0)", [defn.lock_id])
-            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, run.pk])
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, _run_key(run.pk)])
         run = AdminTaskRun.objects.select_for_update().get(pk=run.pk)
         failed_items = AdminTaskItem.objects.filter(run=run, state=ItemState.FAILED)
         n = failed_items.count()
@@ -445,7 +451,7 @@ def _try_lock(cur, defn: TaskDefinition, run_id: int, *, wait_s: float = 5.0) ->
     give_up = time.monotonic() + wait_s
     delay = 0.0005
     while True:
-        cur.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", [defn.lock_id, run_id])
+        cur.execute("SELECT pg_try_advisory_xact_lock(%s, %s)", [defn.lock_id, _run_key(run_id)])
         if cur.fetchone()[0]:
             return True
         if time.monotonic() > give_up:
@@ -749,7 +755,7 @@ class _CheckpointState:
 # row (and announced by NOTIFY). Slow items fold at every checkpoint anyway.
 FOLD_EVERY_S = 0.5
 
-_LOCK_CTE = """lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s::int, (%(run)s::bigint %% 2147483647)::int) AS ok,
+_LOCK_CTE = """lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s::int, ((%(run)s::bigint - 1) %% 2147483647 + 1)::int) AS ok,
                    -- Checkpoints commit without waiting for the WAL flush: a Postgres crash
                    -- can drop the last ~0.6 s of them, and then the batch position and the
                    -- counters roll back together, so those items are simply redone.
@@ -1169,7 +1175,7 @@ def _fail_run(run_id: int, defn: TaskDefinition, message: str) -> None:
     logger.error("run %s failed: %s", run_id, message)
     with transaction.atomic():
         with connection.cursor() as cur:  # waits out any checkpoint in flight
-            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, run_id])
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, _run_key(run_id)])
         run = AdminTaskRun.objects.select_for_update().get(pk=run_id)
         if run.status in RunStatus.finished():
             return

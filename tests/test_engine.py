@@ -490,6 +490,24 @@ def test_budget_set_mid_batch_stops_the_fast_path_at_the_live_count():
     assert claim.budgeted  # every later checkpoint of this batch folds
 
 
+@pytest.mark.parametrize("run_id", [7, 2**31 - 1, 2**31 + 6, 2**40])
+def test_checkpoints_and_claims_share_one_lock_key_for_any_run_id(run_id):
+    defn = engine._definition(TEST_TASK_KEY)
+    claim = engine._Claim(batch_id=1, item_ids=[1], position=0, is_retry=False)
+    params = engine._checkpoint_params(run_id, defn, "worker-a", claim)
+    holder = _second_connection()
+    try:
+        holder.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, engine._run_key(run_id)])
+        connection.ensure_connection()
+        with psycopg.Cursor(connection.connection) as cur:
+            cur.execute(engine.FAST_CHECKPOINT_SQL, params)
+            assert cur.fetchone()[0] is False  # the claim's key is the checkpoint's key
+    finally:
+        holder.rollback()
+        holder.close()
+    assert 1 <= engine._run_key(run_id) <= 2**31 - 1  # never 0: the task-wide key
+
+
 def test_budgeted_run_folds_every_checkpoint():
     make_images(6)
     run = engine.create(task_key=TEST_TASK_KEY, scope={}, budget={"items": 100})
