@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import mimetypes
 from dataclasses import dataclass
-from functools import cache
 from typing import Protocol
 
 from django.conf import settings
@@ -189,37 +188,3 @@ def s3_storage_options(
             s3={"addressing_style": "path"} if endpoint_url else {},
         ),
     }
-
-
-@cache
-def _originals_s3_storage_class() -> type:
-    from storages.backends.s3 import S3Storage
-
-    class OriginalsS3Storage(S3Storage):
-        """Originals in a private bucket (``PICSITE_ORIGINALS_STORAGE=s3``).
-
-        Originals may carry GPS and are never served, so the bucket should not be public;
-        ``url()`` would only ever give short-lived signed URLs. Names never collide
-        (content-addressed), so ``file_overwrite`` stays off as a guard.
-        """
-
-        def __init__(self, **overrides):
-            options = s3_storage_options(
-                bucket=settings.PICSITE_ORIGINALS_S3_BUCKET,
-                region=settings.PICSITE_S3_REGION,
-                endpoint_url=settings.PICSITE_S3_ENDPOINT_URL,
-                access_key=settings.PICSITE_S3_ACCESS_KEY_ID,
-                secret_key=settings.PICSITE_S3_SECRET_ACCESS_KEY,
-                timeout_s=settings.PICSITE_S3_TIMEOUT_S,
-            )
-            super().__init__(**{**options, "file_overwrite": False, "querystring_auth": True, **overrides})
-
-    return OriginalsS3Storage
-
-
-def __getattr__(name: str):
-    # STORAGES names "gallery.storage.OriginalsS3Storage"; built on first use so that
-    # importing this module does not import boto3.
-    if name == "OriginalsS3Storage":
-        return _originals_s3_storage_class()
-    raise AttributeError(name)

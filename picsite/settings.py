@@ -167,7 +167,7 @@ PICSITE_ORIGINALS_S3_BUCKET = os.environ.get("PICSITE_ORIGINALS_S3_BUCKET", "")
 if PICSITE_ORIGINALS_STORAGE == "s3":
     if not PICSITE_ORIGINALS_S3_BUCKET:
         raise ImproperlyConfigured("PICSITE_ORIGINALS_STORAGE=s3 needs PICSITE_ORIGINALS_S3_BUCKET (a private bucket).")
-    STORAGES["default"] = {"BACKEND": "gallery.storage.OriginalsS3Storage"}
+    STORAGES["default"] = {"BACKEND": "gallery.originals_storage.OriginalsS3Storage"}
 elif PICSITE_ORIGINALS_STORAGE != "local":
     raise ImproperlyConfigured(f"PICSITE_ORIGINALS_STORAGE must be 'local' or 's3', not {PICSITE_ORIGINALS_STORAGE!r}.")
 

@@ -121,7 +121,8 @@ class _Progress:
         self.bar_open = False
         self.width = 0
 
-    def update(self, run: AdminTaskRun, *, force: bool = False) -> None:
+    def update(self, run: AdminTaskRun, *, force: bool = False) -> dict:
+        """Show the run's live counters; returns them."""
         c = engine.live_counters(run)
         p = engine.progress(run, processed=c["processed"])
         rate = p["items_per_second"]
@@ -137,7 +138,7 @@ class _Progress:
             self.width = len(text)
             _write(self.stdout, "\r" + text + " " * pad)
             self.bar_open = True
-            return
+            return c
         now = self.clock()
         if force or self.last_plain is None or now - self.last_plain >= PLAIN_EVERY_S:
             self.last_plain = now
@@ -146,6 +147,7 @@ class _Progress:
                 f"run #{run.pk} {run.status}: {counts} ({p['percent']:.1f}%), {rate:.2f} items/s, ETA {eta}"
                 f" - succeeded {c['succeeded']}, skipped {c['skipped']}, failed {c['failed']}",
             )
+        return c
 
     def close(self) -> None:
         if self.bar_open:
@@ -314,18 +316,16 @@ def _drain(
 ) -> int:
     owner = f"cli-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     bar = _Progress(stdout, is_tty=is_tty, clock=clock)
-    last_processed = engine.live_counters(run)["processed"]
     last_change = clock()
     try:
-        bar.update(run, force=True)
+        last_processed = bar.update(run, force=True)["processed"]
         while True:
             started = clock()
             run = engine.kick(run_id=run.pk, time_budget_s=kick_seconds, owner=owner)
-            bar.update(run)
+            processed = bar.update(run)["processed"]  # live: other workers' pending items count too
             if run.status in RunStatus.finished() or run.status == RunStatus.PAUSED:
                 break
             now = clock()
-            processed = engine.live_counters(run)["processed"]  # other workers' pending items count too
             if processed != last_processed:
                 last_processed, last_change = processed, now
                 continue

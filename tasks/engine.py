@@ -111,7 +111,7 @@ def _lease_seconds(defn: TaskDefinition) -> float:
 
 def _run_key(run_id: int) -> int:
     """The run's half of its advisory-lock key: an int4 in 1..2**31-1 (0 is the task-wide
-    key of create and retry_failed); the checkpoint statements compute the same in SQL."""
+    key of create and retry_failed). Claims, cancel and checkpoints all use it."""
     return (run_id - 1) % 2147483647 + 1
 
 
@@ -755,7 +755,7 @@ class _CheckpointState:
 # row (and announced by NOTIFY). Slow items fold at every checkpoint anyway.
 FOLD_EVERY_S = 0.5
 
-_LOCK_CTE = """lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s::int, ((%(run)s::bigint - 1) %% 2147483647 + 1)::int) AS ok,
+_LOCK_CTE = """lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s::int, %(run_key)s::int) AS ok,
                    -- Checkpoints commit without waiting for the WAL flush: a Postgres crash
                    -- can drop the last ~0.6 s of them, and then the batch position and the
                    -- counters roll back together, so those items are simply redone.
@@ -771,7 +771,17 @@ def _mine(alias: str = "tasks_admintaskbatch") -> str:
 
 
 _RENEWED_LEASE = "CASE WHEN %(renew)s::bool THEN now() + make_interval(secs => %(lease)s::float8) ELSE {col} END"
-_PENDING = ("processed", "succeeded", "skipped", "seconds", "bytes", "writes")
+# Pending counters on a batch, and the run counters each one is folded into.
+_PENDING_INTO_RUN = {
+    "processed": ("processed", "spent_items"),  # fast checkpoints carry clean items only
+    "succeeded": ("succeeded",),
+    "skipped": ("skipped",),
+    "seconds": ("spent_seconds", "busy_seconds"),
+    "bytes": ("spent_bytes",),
+    "writes": ("spent_writes",),
+}
+_PENDING = tuple(_PENDING_INTO_RUN)
+_PENDING_COLUMNS = ", ".join(f"pending_{name}" for name in _PENDING)
 _TAKE_PENDING = ", ".join(f"{{src}}pending_{name} AS p_{name}" for name in _PENDING)
 _ZERO_PENDING = ", ".join(f"pending_{name} = 0" for name in _PENDING)
 
@@ -800,7 +810,7 @@ SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes
 # releases the batch. The old values come from a locking read (FOR UPDATE re-reads the
 # row's latest version once it holds it), not from a self-join, which would return the
 # statement's snapshot and zero anything committed after it.
-_LOCKED_BATCH = f"(SELECT id, {', '.join(f'pending_{n}' for n in _PENDING)} FROM tasks_admintaskbatch WHERE {_mine()} FOR UPDATE) AS ob"
+_LOCKED_BATCH = f"(SELECT id, {_PENDING_COLUMNS} FROM tasks_admintaskbatch WHERE {_mine()} FOR UPDATE) AS ob"
 _FOLD_BATCH = {
     # Advance the batch (renewing its lease when due) and zero its pending counters.
     "advance": f"""UPDATE tasks_admintaskbatch AS nb
@@ -977,6 +987,7 @@ def _checkpoint_params(run_id: int, defn: TaskDefinition, owner: str, claim: _Cl
         "owner": owner,
         "position": claim.position,
         "run": run_id,
+        "run_key": _run_key(run_id),
         "max_issues": MAX_RECENT_ISSUES,
         "channel": NOTIFY_CHANNEL,
         **item,
@@ -1109,9 +1120,6 @@ def _finish(run: AdminTaskRun, status: str, *, error: str = "") -> None:
     _notify(run.pk, "status", status=status, error=error or None)
 
 
-_PENDING_COLUMNS = ", ".join(f"pending_{name}" for name in _PENDING)
-
-
 def _drop_batches(run: AdminTaskRun) -> list[str]:
     """Delete the run's batches, folding their pending counters into ``run`` (in memory;
     the caller saves). Called with the run's advisory lock held, so no checkpoint races it.
@@ -1119,18 +1127,11 @@ def _drop_batches(run: AdminTaskRun) -> list[str]:
     with connection.cursor() as cur:
         cur.execute(f"DELETE FROM tasks_admintaskbatch WHERE run_id = %s RETURNING {_PENDING_COLUMNS}", [run.pk])
         rows = cur.fetchall()
-    for processed, succeeded, skipped, seconds, nbytes, writes in rows:
-        run.processed += processed
-        run.spent_items += processed
-        run.succeeded += succeeded
-        run.skipped += skipped
-        run.spent_seconds += seconds
-        run.busy_seconds += seconds
-        run.spent_bytes += nbytes
-        run.spent_writes += writes
-    if not rows:
-        return []
-    return ["processed", "spent_items", "succeeded", "skipped", "spent_seconds", "busy_seconds", "spent_bytes", "spent_writes"]
+    for row in rows:
+        for value, targets in zip(row, _PENDING_INTO_RUN.values(), strict=True):
+            for name in targets:
+                setattr(run, name, getattr(run, name) + value)
+    return [name for targets in _PENDING_INTO_RUN.values() for name in targets] if rows else []
 
 
 def live_counters(run: AdminTaskRun) -> dict[str, Any]:
@@ -1142,6 +1143,7 @@ def live_counters(run: AdminTaskRun) -> dict[str, Any]:
     if run.status in RunStatus.finished() or run.pk is None:
         return own
     with connection.cursor() as cur:
+        # Each counter plus the pending one folded into it (_PENDING_INTO_RUN).
         cur.execute(
             """
             SELECT r.processed + coalesce(sum(b.pending_processed), 0),

@@ -34,7 +34,7 @@ def s3_originals(settings, media_root, moto_server, s3_client, s3_bucket) -> str
     settings.PICSITE_S3_REGION = "us-east-1"
     settings.PICSITE_ITEM_RETRY_BASE_S = 0.01
     settings.PICSITE_ITEM_RETRY_CAP_S = 0.05
-    settings.STORAGES = {**settings.STORAGES, "default": {"BACKEND": "gallery.storage.OriginalsS3Storage"}}
+    settings.STORAGES = {**settings.STORAGES, "default": {"BACKEND": "gallery.originals_storage.OriginalsS3Storage"}}
     return s3_bucket
 
 
@@ -95,7 +95,7 @@ def test_upload_to_an_unreachable_bucket_is_503_and_saves_nothing(s3_originals, 
 @pytest.mark.parametrize(
     ("env", "expect"),
     [
-        ({"PICSITE_ORIGINALS_STORAGE": "s3", "PICSITE_ORIGINALS_S3_BUCKET": "photos-private"}, "gallery.storage.OriginalsS3Storage"),
+        ({"PICSITE_ORIGINALS_STORAGE": "s3", "PICSITE_ORIGINALS_S3_BUCKET": "photos-private"}, "gallery.originals_storage.OriginalsS3Storage"),
         ({"PICSITE_ORIGINALS_STORAGE": "s3"}, "needs PICSITE_ORIGINALS_S3_BUCKET"),
         ({"PICSITE_ORIGINALS_STORAGE": "ftp"}, "must be 'local' or 's3'"),
         ({}, "django.core.files.storage.FileSystemStorage"),
