@@ -159,8 +159,11 @@ class ImageRejected(Exception):
         self.message = message
 
 
-class CancelledError(Exception):
-    """Raised by a cancel callback to stop work between stages."""
+class CancelledError(BaseException):
+    """Raised by a cancel callback to stop work between stages.
+
+    A BaseException (like asyncio.CancelledError): a stop is never a verdict on the file, so
+    no ``except Exception`` error mapping anywhere may turn it into one."""
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,6 @@ from django.db import IntegrityError, close_old_connections, connection, transac
 from django.db.models import F, Sum
 from django.utils import timezone
 
-from gallery.imaging import CancelledError
 from tasks import registry
 from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
 from tasks.registry import (
@@ -596,11 +595,25 @@ def _pause(run: AdminTaskRun, reason: str, *, detail: str) -> None:
 # --- per-item execution ----------------------------------------------------------------
 
 
+class ItemInterrupted(BaseException):
+    """Raised by the cancel check handed to processors. A BaseException, like
+    asyncio.CancelledError: a processor's ``except Exception`` error mapping (a decoder's,
+    a storage client's) can never turn a stop into a verdict on the item."""
+
+
+class ItemStopped(ItemInterrupted):
+    """The run is no longer runnable (cancelling, paused), or the worker gave up on the item."""
+
+
+class ItemDeadline(ItemInterrupted):
+    """The item's time limit passed: a retryable ``timeout``, whatever stage it was in."""
+
+
 class _CancelCheck:
     """Cooperative stop signal handed to processors (called between stages).
 
-    Raises CancelledError when the run is being cancelled (status re-read at most
-    every 0.5 s) or the worker gave up on the item; ItemTimeout past the item's deadline.
+    Raises ItemStopped when the run is being cancelled (status re-read at most every
+    0.5 s) or the worker gave up on the item; ItemDeadline past the item's deadline.
     """
 
     def __init__(self, run_id: int, deadline: float):
@@ -612,20 +625,16 @@ class _CancelCheck:
 
     def __call__(self) -> None:
         if self.abandoned.is_set():
-            raise CancelledError("the worker gave up on this item")
+            raise ItemStopped("the worker gave up on this item")
         now = time.monotonic()
         if now > self.deadline:
-            raise _ItemTimeout()
+            raise ItemDeadline()
         if now >= self._next_poll:
             self._next_poll = now + 0.5
             status = AdminTaskRun.objects.filter(pk=self.run_id).values_list("status", flat=True).first()
             if status not in RunStatus.runnable():
                 self.cancelled = True
-                raise CancelledError(f"run is {status}")
-
-
-class _ItemTimeout(Exception):
-    pass
+                raise ItemStopped(f"run is {status}")
 
 
 class _ItemRunner:
@@ -644,7 +653,7 @@ class _ItemRunner:
             # Leave the stuck thread behind (it stops at its next cancel check).
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
-            raise _ItemTimeout() from None
+            raise ItemDeadline() from None
 
     def close(self) -> None:
         if self._pool is not None:
@@ -673,14 +682,14 @@ def _process_one(defn: TaskDefinition, run_id: int, item, worker: _ItemRunner, s
     try:
         result = worker.run(defn.process, item, check, scope, timeout=limit + 1)
         kind = result.outcome
-    except _ItemTimeout:
+    except ItemDeadline:
         check.abandoned.set()
         return _Outcome(
             "failed",
             failure=ItemFailure(code="timeout", stage="process", message=f"item took over {limit:.0f}s"),
             seconds=time.monotonic() - started,
         )
-    except CancelledError:
+    except ItemStopped:
         return _Outcome("stopped", seconds=time.monotonic() - started)
     except ItemFailure as exc:
         return _Outcome("failed", failure=exc, seconds=time.monotonic() - started)

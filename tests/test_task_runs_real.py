@@ -4,6 +4,7 @@ claim, metadata refresh outcomes, and the django-q2 drain job."""
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 
@@ -215,3 +216,28 @@ def test_force_and_explicit_ids_regenerate_current_variants(corpus, local_storag
     assert run.spent_bytes > 0 and local_storage.exists(lost)
     image.refresh_from_db()
     assert image.variants_ready and image.ready_max_width == widths[-1]
+
+
+def test_deadline_inside_decode_is_a_retryable_timeout_not_a_corrupt_file(corpus, local_storage, monkeypatch):
+    """The item deadline raised by the cancel check while the decoder runs must pass every
+    error mapper untouched: a timeout is retryable, never a verdict on the file."""
+    (image,) = ingest(corpus, SMALL_PHOTOS[:1])
+    run = engine.create(task_key="preprocess-images", scope={})
+    checks_in_decode = 0
+    real_check = engine._CancelCheck.__call__
+
+    def deadline_on_second_check_in_decode(self):
+        nonlocal checks_in_decode
+        if any(frame.function == "decode_for_variants" for frame in inspect.stack()[1:4]):
+            checks_in_decode += 1
+            if checks_in_decode == 2:
+                self.deadline = 0.0  # the item's time is up from here on: no sleeps involved
+        return real_check(self)
+
+    monkeypatch.setattr(engine._CancelCheck, "__call__", deadline_on_second_check_in_decode)
+    run = engine.kick(run_id=run.pk, max_batches=1)
+    assert checks_in_decode >= 2
+    item = AdminTaskItem.objects.get(run=run, item_id=image.pk)
+    assert (item.last_error_code, item.last_error_stage) == ("timeout", "process")
+    assert item.state == ItemState.RETRYING and run.failed == 0
+    assert Image.objects.get(pk=image.pk).variants_error == ""

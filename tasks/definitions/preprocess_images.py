@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from django.db.models import Q
 
-from gallery.imaging import CancelledError
 from gallery.models import Image
 from gallery.services import (
     ImageBusy,
@@ -94,8 +93,6 @@ def process(image: Image, cancel, scope: dict) -> ItemResult:
     except ImageBusy as exc:
         # An upload's own job holds the image; look again shortly without using an attempt.
         raise ItemFailure(code="busy", stage="claim", message=str(exc), counts_attempt=False) from exc
-    except CancelledError:
-        raise
     except VariantGenerationError as exc:
         # The reason stays visible on the image (admin, "failed only" scope).
         image_record_variant_failure(image_id=image.pk, message=f"{exc.stage}/{exc.code}: {exc.message}")
