@@ -1105,7 +1105,7 @@ def _finish(run: AdminTaskRun, status: str, *, error: str = "") -> None:
     run.finished_at = timezone.now()
     run.lease_owner, run.lease_expires_at = "", None
     fields = ["status", "finished_at", "lease_owner", "lease_expires_at", "updated_at"]
-    fields += _drop_batches(run)
+    fields += _end_batches(run, park_fresh=status != RunStatus.SUCCEEDED)
     if status == RunStatus.SUCCEEDED and run.processed != run.total:
         # Items that left the scope before their turn (deleted, or made ready by an
         # upload's own job) were never handed out: count them as skipped.
@@ -1129,12 +1129,33 @@ def _finish(run: AdminTaskRun, status: str, *, error: str = "") -> None:
     _notify(run.pk, "status", status=status, error=error or None)
 
 
-def _drop_batches(run: AdminTaskRun) -> list[str]:
-    """Delete the run's batches, folding their pending counters into ``run`` (in memory;
-    the caller saves). Called with the run's advisory lock held, so no checkpoint races it.
-    Returns the fields changed."""
+def _end_batches(run: AdminTaskRun, *, park_fresh: bool) -> list[str]:
+    """Fold every batch's pending counters into ``run`` (in memory; the caller saves) and
+    end the batches. Called with the run's advisory lock held, so no checkpoint races it.
+    Returns the fields changed.
+
+    With ``park_fresh`` (cancel, failure) fresh batches stay, parked with no owner and an
+    expired lease: their ids are past the cursor, so if "retry failed" reopens the run it
+    adopts them instead of skipping them. Retry batches always go: their items are back
+    in the ledger (``_finish`` unclaims them)."""
     with connection.cursor() as cur:
-        cur.execute(f"DELETE FROM tasks_admintaskbatch WHERE run_id = %s RETURNING {_PENDING_COLUMNS}", [run.pk])
+        cur.execute(
+            f"""
+            WITH gone AS (
+                DELETE FROM tasks_admintaskbatch WHERE run_id = %(run)s AND (is_retry OR NOT %(park)s)
+                RETURNING {_PENDING_COLUMNS}
+            ), parked AS (
+                UPDATE tasks_admintaskbatch AS nb
+                   SET lease_owner = '', lease_expires_at = now() - interval '1 second', {_ZERO_PENDING}
+                  FROM (SELECT id, {_PENDING_COLUMNS} FROM tasks_admintaskbatch
+                         WHERE run_id = %(run)s AND NOT is_retry AND %(park)s FOR UPDATE) AS ob
+                 WHERE nb.id = ob.id
+                RETURNING {", ".join(f"ob.pending_{name}" for name in _PENDING)}
+            )
+            SELECT * FROM gone UNION ALL SELECT * FROM parked
+            """,
+            {"run": run.pk, "park": park_fresh},
+        )
         rows = cur.fetchall()
     for row in rows:
         for value, targets in zip(row, _PENDING_INTO_RUN.values(), strict=True):

@@ -181,6 +181,32 @@ def test_item_out_of_attempts_fails_alone_then_retry_failed_rearms(settings):
         engine.retry_failed(run_id=run.pk)
 
 
+@pytest.mark.parametrize("stop", ["cancel", "fail"])
+def test_retry_failed_after_cancel_or_failure_processes_what_held_batches_left(settings, stop):
+    """Cancel and run failure used to drop held batches after the cursor had passed them,
+    so "retry failed" reopened the run and it ended succeeded with those items never
+    processed (topped up as left_scope skips)."""
+    settings.PICSITE_ITEM_MAX_ATTEMPTS = 1
+    images = make_images(8, titles={0: "fail-always"})
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    defn = engine._definition(TEST_TASK_KEY)
+    run = engine.kick(run_id=run.pk, max_batches=1)  # items 0-3: one fails for good
+    assert (run.processed, run.failed) == (4, 1)
+    claim = engine._claim_batch(run.pk, defn, "worker-b")  # items 4-7 held by a worker...
+    assert claim is not None and len(claim.item_ids) == 4
+    if stop == "cancel":  # ...that died: its lease expired, then the run was cancelled
+        AdminTaskBatch.objects.filter(pk=claim.batch_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        assert engine.cancel(run_id=run.pk).status == RunStatus.CANCELLED
+    else:
+        engine._fail_run(run.pk, defn, "configuration removed")
+    Image.objects.filter(title="fail-always").update(title="fixed now")
+    run = drain(engine.retry_failed(run_id=run.pk).pk)
+    assert run.status == RunStatus.SUCCEEDED and (run.succeeded, run.failed) == (8, 0)
+    assert_counters_exact(run)
+    calls = dict(Image.objects.filter(pk__in=[i.pk for i in images]).values_list("pk", "variants_attempts"))
+    assert calls == {img.pk: (2 if img.pk == images[0].pk else 1) for img in images}
+
+
 def test_stuck_item_becomes_timeout_failure(settings):
     settings.PICSITE_ITEM_TIME_LIMIT_S = 0.5
     settings.PICSITE_ITEM_MAX_ATTEMPTS = 1
@@ -195,7 +221,9 @@ def test_run_fatal_fails_the_run_with_clear_error():
     run = drain(engine.create(task_key=TEST_TASK_KEY, scope={}).pk)
     assert run.status == RunStatus.FAILED
     assert "storage configuration removed" in run.last_error
-    assert not AdminTaskBatch.objects.filter(run=run).exists()
+    # No worker holds anything; what the batch had left stays parked for "retry failed".
+    assert not AdminTaskBatch.objects.filter(run=run).exclude(lease_owner="").exists()
+    assert not AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=timezone.now()).exists()
 
 
 # --- cancel ------------------------------------------------------------------------------------
@@ -378,7 +406,11 @@ def test_cancel_and_failure_fold_what_held_batches_still_carry():
     assert run.status == RunStatus.CANCELLED
     run.refresh_from_db()
     assert (run.processed, run.succeeded, run.skipped, run.spent_items) == (3, 2, 1, 3)
-    assert not AdminTaskBatch.objects.filter(run=run).exists()
+    # The batch stays parked for "retry failed" (its last item was never processed), with
+    # nothing pending and nobody's lease.
+    (parked,) = AdminTaskBatch.objects.filter(run=run)
+    assert (parked.pending_processed, parked.lease_owner, parked.position) == (0, "", 3)
+    assert parked.lease_expires_at <= timezone.now()
 
     run2 = engine.create(task_key=TEST_TASK_KEY, scope={})
     checkpoint_clean_items(run2, "worker-a", ["succeeded"])
