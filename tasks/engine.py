@@ -248,8 +248,12 @@ def create(*, task_key: str, scope: Any = None, budget: Any = None, user=None) -
 def set_budget(*, run_id: int, budget: Any) -> AdminTaskRun:
     """Replace the budget; a run paused by its budget resumes if the new one allows."""
     clean = normalize_budget(budget)
+    run = _get_run(run_id)
+    defn = _definition(run.task_key)
     with transaction.atomic():
-        run = AdminTaskRun.objects.select_for_update().get(pk=_get_run(run_id).pk)
+        with connection.cursor() as cur:  # a claim deciding to pause the run holds this
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, _run_key(run.pk)])
+        run = AdminTaskRun.objects.select_for_update().get(pk=run.pk)
         run.budget = clean
         fields = ["budget", "updated_at"]
         if run.status == RunStatus.PAUSED and run.pause_reason == "budget" and not _budget_exhausted(run, 1.0, 0):
@@ -503,7 +507,11 @@ def _claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> _Claim | None
         # 2. Fresh ids after the cursor (keyset, never OFFSET); scope frozen at max_item_id.
         limit = defn.batch_size
         if "items" in (run.budget or {}):
-            limit = max(1, min(limit, run.budget["items"] - live_counters(run)["spent_items"]))
+            # Items other workers already hold count against the budget too.
+            left = run.budget["items"] - live_counters(run)["spent_items"] - _held_items(run_id)
+            if left <= 0:
+                return None  # the rest of the budget is held by live batches: not a pause
+            limit = min(limit, left)
         ids = list(
             defn.scope_queryset(run.scope)
             .filter(pk__gt=run.cursor, pk__lte=run.max_item_id)
@@ -534,6 +542,17 @@ def _claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> _Claim | None
         return _Claim(
             batch.pk, ids, 0, is_retry, renew_after=time.monotonic() + lease.total_seconds() / 4, budgeted=bool(run.budget)
         )
+
+
+def _held_items(run_id: int) -> int:
+    """Items handed to batches of the run and not yet checkpointed."""
+    with connection.cursor() as cur:
+        cur.execute(
+            "SELECT coalesce(sum(jsonb_array_length(item_ids) - position), 0)"
+            " FROM tasks_admintaskbatch WHERE run_id = %s",
+            [run_id],
+        )
+        return int(cur.fetchone()[0])
 
 
 TIMELINE_EVERY_S = 5

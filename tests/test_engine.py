@@ -309,6 +309,71 @@ def test_bytes_budget_pauses():
     assert run.status == RunStatus.PAUSED and run.spent_bytes <= 3500 and run.processed == 3
 
 
+def test_items_budget_counts_what_other_workers_already_hold():
+    """Concurrent claims each limited themselves by spent items only, so every worker but
+    the first could overrun an items budget by up to a batch."""
+    make_images(12)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={}, budget={"items": 5})
+    defn = engine._definition(TEST_TASK_KEY)
+    claims = {owner: engine._claim_batch(run.pk, defn, owner) for owner in ("worker-a", "worker-b", "worker-c")}
+    held = {owner: len(claim.item_ids) if claim else 0 for owner, claim in claims.items()}
+    assert held == {"worker-a": 4, "worker-b": 1, "worker-c": 0}
+    assert AdminTaskRun.objects.get(pk=run.pk).status == RunStatus.RUNNING  # holding is not spending
+    runner = engine._ItemRunner()
+    try:
+        for owner in ("worker-a", "worker-b"):
+            engine._work_batch(run.pk, defn, owner, claims[owner], None, runner, run.scope)
+    finally:
+        runner.close()
+    run = drain(run.pk)
+    assert run.status == RunStatus.PAUSED and run.pause_reason == "budget"
+    assert run.spent_items == 5 and run.processed == 5
+
+
+def test_set_budget_waits_for_a_claim_that_is_pausing_the_run():
+    """A claim pauses an exhausted run under the run's advisory lock; set_budget did not
+    take it, so a raised budget could land between the claim's read and its pause and the
+    run stayed paused with a budget that allowed it to go on."""
+    make_images(6)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={}, budget={"items": 2})
+    defn = engine._definition(TEST_TASK_KEY)
+    AdminTaskRun.objects.filter(pk=run.pk).update(status=RunStatus.RUNNING, spent_items=2)
+    locked, go = threading.Event(), threading.Event()
+
+    def claim_that_pauses() -> None:  # what _claim_batch does once it found the budget spent
+        with _second_connection() as conn:
+            conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, engine._run_key(run.pk)])
+            locked.set()
+            go.wait(30)
+            conn.execute("UPDATE tasks_admintaskrun SET status = 'paused', pause_reason = 'budget' WHERE id = %s", [run.pk])
+            conn.commit()
+
+    def raise_budget() -> None:
+        try:
+            engine.set_budget(run_id=run.pk, budget={"items": 100})
+        finally:
+            connection.close()
+
+    claimer = threading.Thread(target=claim_that_pauses)
+    claimer.start()
+    assert locked.wait(30)
+    setter = threading.Thread(target=raise_budget)
+    setter.start()
+    deadline = time.monotonic() + 30
+    while setter.is_alive() and time.monotonic() < deadline:  # until it ends or waits on the lock
+        with connection.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            if cur.fetchone()[0]:
+                break
+        time.sleep(0.01)
+    go.set()
+    claimer.join(30)
+    setter.join(30)
+    run.refresh_from_db()
+    assert run.budget == {"items": 100}
+    assert run.status == RunStatus.QUEUED and run.pause_reason == ""
+
+
 # --- leases --------------------------------------------------------------------------------------
 
 
