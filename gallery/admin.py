@@ -209,6 +209,16 @@ class ImageAdmin(admin.ModelAdmin):
 
     # -- actions -------------------------------------------------------------------------
 
+    def delete_model(self, request: HttpRequest, obj: Image) -> None:
+        # The change form's Delete is the same soft delete: a hard delete would orphan the
+        # original (it may carry GPS) and every public variant. Purging comes later.
+        if obj.deleted_at is None:
+            image_soft_delete(image=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset) -> None:
+        for image in queryset.filter(deleted_at__isnull=True):
+            image_soft_delete(image=image)
+
     def get_actions(self, request):
         # A hard delete would orphan the original and variant files; soft delete cleans up.
         actions = super().get_actions(request)

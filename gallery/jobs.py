@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from datetime import timedelta
 
 from django.conf import settings
@@ -15,7 +16,9 @@ from django.utils import timezone
 
 from gallery.models import Image
 from gallery.services import (
+    DeadlineExceeded,
     ImageBusy,
+    ImageGone,
     VariantGenerationError,
     image_record_variant_failure,
     preprocess_image,
@@ -35,8 +38,23 @@ def generate_variants_job(image_id: int, attempt: int = 1) -> str:
     image = Image.objects.alive().filter(pk=image_id).first()
     if image is None:
         return "gone"
+    # The job has a deadline like any engine item: waiting for the low-memory slot or a
+    # stuck stage must not outlive the image's claim (limit + 30 s).
+    deadline = time.monotonic() + settings.PICSITE_ITEM_TIME_LIMIT_S
+
+    def cancel() -> None:
+        if time.monotonic() > deadline:
+            raise DeadlineExceeded(f"took over {settings.PICSITE_ITEM_TIME_LIMIT_S:.0f}s")
+
     try:
-        outcome = preprocess_image(image)
+        outcome = preprocess_image(image, cancel=cancel)
+    except ImageGone:
+        return "gone"
+    except DeadlineExceeded as exc:
+        message = f"timeout: {exc}"
+        image_record_variant_failure(image_id=image_id, message=message, attempts=attempt)
+        _schedule_retry(image_id, attempt, reason=message)
+        return "retrying"
     except ImageBusy:
         # A backfill holds the claim; it will finish the image. Check back once.
         _schedule_retry(image_id, attempt, reason="busy: another worker is generating this image", count=False)

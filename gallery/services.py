@@ -41,7 +41,15 @@ def _no_cancel() -> None:
 
 
 class ImageBusy(Exception):
-    """Another worker holds this image's processing claim."""
+    """Another worker holds this image's processing claim (or took it over after ours expired)."""
+
+
+class DeadlineExceeded(CancelledError):
+    """A job's own time limit passed (raised by its cancel check): retry later."""
+
+
+class ImageGone(Exception):
+    """The image was deleted while it was being processed: the delete wins, nothing is kept."""
 
 
 class OriginalFetchError(Exception):
@@ -246,6 +254,40 @@ def _release(image_id: int, token: str) -> None:
     Image.objects.filter(pk=image_id, processing_token=token).update(processing_token="", processing_until=None)
 
 
+def _claim_lost(image_id: int) -> Exception:
+    """Why a write under our claim matched no row: the image was deleted, or our claim
+    expired and another worker took the image over."""
+    deleted_at = Image.objects.filter(pk=image_id).values_list("deleted_at", flat=True).first()
+    if deleted_at is not None or not Image.objects.filter(pk=image_id).exists():
+        return ImageGone(f"image {image_id} was deleted while it was being processed")
+    return ImageBusy(f"the claim on image {image_id} expired and another worker took the image over")
+
+
+def _claimed_update(image_id: int, token: str, **fields) -> None:
+    """Write variant state only while we hold the image's claim and the image is alive,
+    so a delete, or a worker that took over an expired claim, always wins."""
+    if not Image.objects.filter(pk=image_id, processing_token=token, deleted_at__isnull=True).update(**fields):
+        raise _claim_lost(image_id)
+
+
+class _ClaimGuard:
+    """The cancel check handed down the pipeline: the caller's own check, plus the claim.
+    The claim is renewed once half of it has passed (a slow image outlives the first
+    expiry without a second worker starting on it) and checked at the same time, so a
+    worker that lost it stops at the next stage."""
+
+    def __init__(self, image_id: int, token: str, *, seconds: float, cancel: CancelCheck):
+        self.image_id, self.token, self.seconds, self.cancel = image_id, token, seconds, cancel
+        self.renew_at = time.monotonic() + seconds / 2
+
+    def __call__(self) -> None:
+        self.cancel()
+        if time.monotonic() >= self.renew_at:
+            until = timezone.now() + timedelta(seconds=self.seconds)
+            _claimed_update(self.image_id, self.token, processing_until=until)
+            self.renew_at = time.monotonic() + self.seconds / 2
+
+
 # --- variants ---------------------------------------------------------------------------
 
 
@@ -283,21 +325,26 @@ def preprocess_image(
     token = _claim(image.pk, seconds=claim_seconds)
     if token is None:
         raise ImageBusy(f"image {image.pk} is being processed by another worker")
+    guard = _ClaimGuard(image.pk, token, seconds=claim_seconds, cancel=cancel)
     try:
-        return _generate(image, storage=storage, cancel=cancel, recipe=recipe, force=force)
+        return _generate(image, token=token, storage=storage, cancel=guard, recipe=recipe, force=force)
     finally:
         _release(image.pk, token)
 
 
-def _generate(image: Image, *, storage: VariantStore, cancel: CancelCheck, recipe: VariantRecipe, force: bool) -> VariantOutcome:
+def _generate(
+    image: Image, *, token: str, storage: VariantStore, cancel: CancelCheck, recipe: VariantRecipe, force: bool
+) -> VariantOutcome:
     image.refresh_from_db()
+    if image.deleted_at is not None:
+        raise ImageGone(f"image {image.pk} is deleted")
     version = recipe.version
     if image.variants_ready and image.variants_recipe == version and not force:
         return VariantOutcome(image.pk, image.ready_max_width, True, skipped=True)
     # Tiers made with this recipe survive a failure; another recipe starts over.
     resume_from = image.ready_max_width if (image.variants_recipe == version and not force) else 0
     if image.variants_recipe != version or force:
-        Image.objects.filter(pk=image.pk).update(variants_recipe=version, variants_ready=False, ready_max_width=0)
+        _claimed_update(image.pk, token, variants_recipe=version, variants_ready=False, ready_max_width=0)
         image.variants_recipe, image.variants_ready, image.ready_max_width = version, False, 0
 
     try:
@@ -312,7 +359,9 @@ def _generate(image: Image, *, storage: VariantStore, cancel: CancelCheck, recip
     with _low_memory_slot(data, meta, cancel) as low_memory:
         if low_memory:
             recipe = replace(recipe, encoder_threads=1)
-        return _encode_and_store(image, data, meta, storage=storage, cancel=cancel, recipe=recipe, resume_from=resume_from)
+        return _encode_and_store(
+            image, data, meta, token=token, storage=storage, cancel=cancel, recipe=recipe, resume_from=resume_from
+        )
 
 
 def _is_large_progressive_jpeg(data: bytes) -> bool:
@@ -361,6 +410,7 @@ def _encode_and_store(
     data: bytes,
     meta: imaging.PhotoMetadata,
     *,
+    token: str,
     storage: VariantStore,
     cancel: CancelCheck,
     recipe: VariantRecipe,
@@ -376,6 +426,31 @@ def _encode_and_store(
     del data
 
     outcome = VariantOutcome(image.pk, resume_from, False)
+    written: list[str] = []
+    try:
+        _store_tiers(image, source, meta, widths, token=token, storage=storage, cancel=cancel, recipe=recipe, outcome=outcome, written=written)
+    except ImageGone:
+        # Deleted while we worked: the delete removed what existed then; remove what we
+        # stored since, so nothing of the photo stays public.
+        for key in written:
+            _delete_quietly(storage, key)
+        raise
+    return outcome
+
+
+def _store_tiers(
+    image: Image,
+    source,
+    meta: imaging.PhotoMetadata,
+    widths: list[int],
+    *,
+    token: str,
+    storage: VariantStore,
+    cancel: CancelCheck,
+    recipe: VariantRecipe,
+    outcome: VariantOutcome,
+    written: list[str],
+) -> None:
     blurhash = image.blurhash
     tiers = imaging.render_tiers(source, widths)
     del source  # the generator holds what it needs; free the full decode early
@@ -383,8 +458,8 @@ def _encode_and_store(
         cancel()
         if not blurhash:
             blurhash = imaging.compute_blurhash(tier)
-            Image.objects.filter(pk=image.pk).update(blurhash=blurhash, width=meta.width, height=meta.height)
-        if width <= resume_from:
+            _claimed_update(image.pk, token, blurhash=blurhash, width=meta.width, height=meta.height)
+        if width <= outcome.ready_max_width:
             continue
         tier_bytes = 0
         for fmt in imaging.FORMATS:
@@ -399,22 +474,30 @@ def _encode_and_store(
                 storage.put(key, payload, imaging.CONTENT_TYPES[fmt])
             except VariantStorageError as exc:
                 raise VariantGenerationError(stage="upload", code="variant_upload_failed", message=str(exc)) from exc
+            written.append(key)
             tier_bytes += len(payload)
             outcome.objects_written += 1
         # Both formats of this tier are stored: only now advertise it.
-        Image.objects.filter(pk=image.pk).update(
-            ready_max_width=width, width=meta.width, height=meta.height, variants_bytes=_f_add("variants_bytes", tier_bytes)
-        )
+        _claimed_update(
+            image.pk, token,
+            ready_max_width=width, width=meta.width, height=meta.height, variants_bytes=_f_add("variants_bytes", tier_bytes),
+        )  # fmt: skip
         outcome.ready_max_width = width
         outcome.tiers_written.append(width)
         outcome.bytes_written += tier_bytes
 
-    Image.objects.filter(pk=image.pk).update(
-        variants_ready=True, variants_error="", ready_max_width=widths[-1], width=meta.width, height=meta.height
+    _claimed_update(
+        image.pk, token, variants_ready=True, variants_error="", ready_max_width=widths[-1], width=meta.width, height=meta.height
     )
     outcome.ready_max_width = widths[-1]
     outcome.variants_ready = True
-    return outcome
+
+
+def _delete_quietly(storage: VariantStore, key: str) -> None:
+    try:
+        storage.delete(key)
+    except Exception:  # best effort; an orphan is swept later and harms nobody
+        logger.warning("could not delete variant %s", key, exc_info=True)
 
 
 def _f_add(name: str, amount: int):
@@ -468,17 +551,18 @@ def image_soft_delete(*, image: Image) -> None:
     except Exception:
         return
     recipe = variant_recipe_current()
+    # A worker generating the image right now finds it deleted at its next write and
+    # removes what it stored after this point itself (ImageGone).
     for width in recipe.tier_widths(max(image.width, 1)):
         for fmt in imaging.FORMATS:
-            try:
-                storage.delete(variant_key(folder=storage.folder, image_key=image.image_key, width=width, fmt=fmt))
-            except Exception:  # best effort; a stale object is harmless
-                logger.warning("could not delete variant of image %s", image.pk, exc_info=True)
+            _delete_quietly(storage, variant_key(folder=storage.folder, image_key=image.image_key, width=width, fmt=fmt))
 
 
 __all__ = [
     "CancelledError",
+    "DeadlineExceeded",
     "ImageBusy",
+    "ImageGone",
     "ImageRejected",
     "IngestResult",
     "OriginalFetchError",

@@ -7,18 +7,26 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+from datetime import timedelta
 
 import pytest
 from django.db import connection
+from django.utils import timezone
 from django_q.models import OrmQ
 
 from gallery import imaging
 from gallery.models import Image
-from gallery.services import _claim, _release, image_ingest, variant_recipe_current
+from gallery.services import (
+    _claim,
+    _release,
+    image_ingest,
+    image_soft_delete,
+    variant_recipe_current,
+)
 from gallery.storage import variant_key
 from tasks import engine
 from tasks.jobs import drain_run_job
-from tasks.models import AdminTaskItem, ItemState, RunStatus
+from tasks.models import AdminTaskBatch, AdminTaskItem, ItemState, RunStatus
 from tests.fault_proxy import FaultProxy
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -241,3 +249,29 @@ def test_deadline_inside_decode_is_a_retryable_timeout_not_a_corrupt_file(corpus
     assert (item.last_error_code, item.last_error_stage) == ("timeout", "process")
     assert item.state == ItemState.RETRYING and run.failed == 0
     assert Image.objects.get(pk=image.pk).variants_error == ""
+
+
+@pytest.mark.parametrize("path", ["adopted", "retry"])
+def test_deleted_image_is_not_regenerated_by_adopted_or_retry_batches(corpus, local_storage, media_root, variant_root, path):
+    """Retry and adopted batches loaded their items with Image.objects.all(), so a photo
+    deleted mid-run was regenerated and its variants became public again."""
+    doomed, kept = ingest(corpus, SMALL_PHOTOS[:2])
+    run = engine.create(task_key="preprocess-images", scope={})
+    if path == "adopted":  # a worker claimed both, then died
+        claim = engine._claim_batch(run.pk, engine._definition("preprocess-images"), "worker-a")
+        assert set(claim.item_ids) == {doomed.pk, kept.pk}
+        AdminTaskBatch.objects.filter(pk=claim.batch_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    else:  # the first attempt could not read the original; it is back for the retry
+        original = media_root / doomed.original.name
+        data = original.read_bytes()
+        original.unlink()
+        run = engine.kick(run_id=run.pk)
+        assert AdminTaskItem.objects.get(run=run, item_id=doomed.pk).state == ItemState.RETRYING
+        original.write_bytes(data)
+    image_soft_delete(image=Image.objects.get(pk=doomed.pk))
+    run = drain(run.pk)
+    assert run.status == RunStatus.SUCCEEDED
+    doomed.refresh_from_db()
+    assert (doomed.variants_ready, doomed.ready_max_width) == (False, 0)
+    assert list(variant_root.rglob(doomed.image_key.split("/")[-1] + "_*")) == []
+    assert Image.objects.get(pk=kept.pk).variants_ready

@@ -68,7 +68,7 @@ DEFINITION = register(
         ),
         normalize_scope=normalize_scope,
         scope_queryset=scope_queryset,
-        item_queryset=lambda: Image.objects.all(),
+        item_queryset=lambda: Image.objects.alive(),  # a deleted photo leaves every batch
         process=process,
         cost=CostModel(seconds_per_item=0.15),
     )

@@ -15,6 +15,7 @@ from django.db.models import Q
 from gallery.models import Image
 from gallery.services import (
     ImageBusy,
+    ImageGone,
     VariantGenerationError,
     image_record_variant_failure,
     preprocess_image,
@@ -90,6 +91,8 @@ def process(image: Image, cancel, scope: dict) -> ItemResult:
         raise RunFatal(f"variant storage configuration removed: {exc}") from exc
     try:
         outcome = preprocess_image(image, store, cancel, force=scope.get("mode") in REGENERATING_MODES)
+    except ImageGone:
+        return ItemResult("skipped")  # deleted while we worked: the delete wins
     except ImageBusy as exc:
         # An upload's own job holds the image; look again shortly without using an attempt.
         raise ItemFailure(code="busy", stage="claim", message=str(exc), counts_attempt=False) from exc
@@ -121,7 +124,7 @@ DEFINITION = register(
         ),
         normalize_scope=normalize_scope,
         scope_queryset=scope_queryset,
-        item_queryset=lambda: Image.objects.all(),
+        item_queryset=lambda: Image.objects.alive(),  # a deleted photo leaves every batch
         process=process,
         cost=CostModel(seconds_per_item=2.0, bytes_per_item=600_000, writes_per_item=16),
         check_available=check_available,
