@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from gallery.models import Image
 from gallery.services import (
+    STORAGE_UNAVAILABLE,
     DeadlineExceeded,
     ImageBusy,
     ImageGone,
@@ -24,6 +25,7 @@ from gallery.services import (
     preprocess_image,
 )
 from gallery.storage import VariantStorageNotConfigured
+from gallery.storage_health import STORAGES, storage_down, storages_recover
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ def generate_variants_job(image_id: int, attempt: int = 1) -> str:
     image = Image.objects.alive().filter(pk=image_id).first()
     if image is None:
         return "gone"
+    if not storages_recover():
+        # A storage is down (seen by any worker): wait for its next probe, no attempt used.
+        _schedule_after_outage(image_id, attempt)
+        return STORAGE_UNAVAILABLE
     # The job has a deadline like any engine item: waiting for the low-memory slot or a
     # stuck stage must not outlive the image's claim (limit + 30 s).
     deadline = time.monotonic() + settings.PICSITE_ITEM_TIME_LIMIT_S
@@ -63,6 +69,9 @@ def generate_variants_job(image_id: int, attempt: int = 1) -> str:
         image_record_variant_failure(image_id=image_id, message=str(exc), attempts=attempt)
         return "storage_not_configured"
     except VariantGenerationError as exc:
+        if exc.code == STORAGE_UNAVAILABLE:  # not the image's fault: no error kept, no attempt
+            _schedule_after_outage(image_id, attempt)
+            return STORAGE_UNAVAILABLE
         message = f"{exc.stage}/{exc.code}: {exc.message}"
         image_record_variant_failure(image_id=image_id, message=message, attempts=attempt)
         if exc.stage == "decode":  # the bytes will not get better
@@ -78,7 +87,7 @@ def generate_variants_job(image_id: int, attempt: int = 1) -> str:
     return "ready" if outcome.variants_ready else "partial"
 
 
-def _schedule_retry(image_id: int, attempt: int, *, reason: str, count: bool = True) -> None:
+def _schedule_retry(image_id: int, attempt: int, *, reason: str, count: bool = True, at=None) -> None:
     from django_q.models import Schedule
 
     next_attempt = attempt + 1 if count else attempt
@@ -91,5 +100,12 @@ def _schedule_retry(image_id: int, attempt: int, *, reason: str, count: bool = T
         args=f"{image_id},{next_attempt}",
         schedule_type=Schedule.ONCE,
         repeats=1,
-        next_run=timezone.now() + timedelta(seconds=upload_retry_delay(attempt)),
+        next_run=at or timezone.now() + timedelta(seconds=upload_retry_delay(attempt)),
     )
+
+
+def _schedule_after_outage(image_id: int, attempt: int) -> None:
+    """Try again at the down storage's next probe (or shortly), with the same attempt."""
+    probes = [row.next_probe_at for name in STORAGES if (row := storage_down(storage=name)) and row.next_probe_at]
+    at = max([*probes, timezone.now() + timedelta(seconds=settings.PICSITE_OUTAGE_PROBE_BASE_S)])
+    _schedule_retry(image_id, attempt, reason="storage unavailable", count=False, at=at)

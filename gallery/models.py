@@ -88,3 +88,24 @@ class Image(models.Model):
     @property
     def aspect_ratio(self) -> float:
         return self.width / self.height if self.height else 1.0
+
+
+class StorageHealth(models.Model):
+    """Whether a storage (variant bucket, originals) is down: one row per storage, shared by
+    every worker, job and web process, so an outage is recognised across batches, runs and
+    hosts instead of by one worker's local count. Written by ``gallery.storage_health``."""
+
+    name = models.CharField(max_length=16, primary_key=True)  # "variants" | "originals"
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    down_since = models.DateTimeField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    # While down: when the next probe may run, and how many probes failed so far (backoff).
+    next_probe_at = models.DateTimeField(null=True, blank=True)
+    failed_probes = models.PositiveIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "storage health"
+
+    def __str__(self) -> str:
+        return f"{self.name}: {'down since ' + str(self.down_since) if self.down_since else 'up'}"

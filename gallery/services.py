@@ -30,6 +30,12 @@ from gallery import imaging
 from gallery.imaging import CancelledError, ImageRejected, VariantRecipe
 from gallery.models import Image
 from gallery.storage import VariantStorageError, VariantStore, variant_key, variant_store_resolve
+from gallery.storage_health import (
+    ORIGINALS,
+    VARIANTS,
+    storage_failure_record,
+    storage_success_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,10 @@ class OriginalStorageError(Exception):
         super().__init__(message)
         self.message = message
 
+
+# The code of a failure that is the storage's, not the image's, once the storage is known
+# to be down (``gallery.storage_health``): callers pause or wait; no attempt, no error kept.
+STORAGE_UNAVAILABLE = "storage_unavailable"
 
 # What the originals storage raises when it fails: the filesystem, or boto (S3 originals).
 _STORAGE_FAILURES: tuple[type[Exception], ...] = (OSError, BotoCoreError, ClientError)
@@ -232,7 +242,10 @@ def image_fetch_original(*, image: Image, timeout_s: float | None = None, cancel
     except FileNotFoundError as exc:
         raise OriginalFetchError("missing_original", f"original file {image.original.name!r} is missing") from exc
     except _STORAGE_FAILURES as exc:
+        if storage_failure_record(storage=ORIGINALS, error=str(exc)):
+            raise OriginalFetchError(STORAGE_UNAVAILABLE, f"the originals storage is down: {exc}") from exc
         raise OriginalFetchError("fetch_error", f"reading the original failed: {exc}") from exc
+    storage_success_record(storage=ORIGINALS)
     return b"".join(chunks)
 
 
@@ -473,7 +486,11 @@ def _store_tiers(
             try:
                 storage.put(key, payload, imaging.CONTENT_TYPES[fmt])
             except VariantStorageError as exc:
-                raise VariantGenerationError(stage="upload", code="variant_upload_failed", message=str(exc)) from exc
+                down = storage_failure_record(storage=VARIANTS, error=str(exc))
+                code = STORAGE_UNAVAILABLE if down else "variant_upload_failed"
+                raise VariantGenerationError(stage="upload", code=code, message=str(exc)) from exc
+            if not written:
+                storage_success_record(storage=VARIANTS)
             written.append(key)
             tier_bytes += len(payload)
             outcome.objects_written += 1
@@ -565,6 +582,7 @@ __all__ = [
     "ImageGone",
     "ImageRejected",
     "IngestResult",
+    "STORAGE_UNAVAILABLE",
     "OriginalFetchError",
     "VariantGenerationError",
     "VariantOutcome",

@@ -34,9 +34,19 @@ class VariantStore(Protocol):
     folder: str
 
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def probe(self) -> None: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
     def url(self, key: str) -> str: ...
+
+
+# Written by probes while the storage is thought to be down: always the same bytes.
+PROBE_NAME = ".picsite-probe"
+PROBE_BYTES = b"picsite storage probe\n"
+
+
+def _probe_key(folder: str) -> str:
+    return f"{folder.strip('/')}/{PROBE_NAME}" if folder.strip("/") else PROBE_NAME
 
 
 def variant_key(*, folder: str, image_key: str, width: int, fmt: str) -> str:
@@ -64,6 +74,10 @@ class LocalVariantStore:
             self._fs.save(key, ContentFile(data))
         except OSError as exc:
             raise VariantStorageError(f"local write of {key} failed: {exc}") from exc
+
+    def probe(self) -> None:
+        """Raise VariantStorageError unless a small object can be written."""
+        self.put(_probe_key(self.folder), PROBE_BYTES, "text/plain")
 
     def exists(self, key: str) -> bool:
         return self._fs.exists(key)
@@ -112,6 +126,10 @@ class S3VariantStore:
             )
         except (BotoCoreError, ClientError) as exc:
             raise VariantStorageError(f"S3 put of {key} failed: {exc}") from exc
+
+    def probe(self) -> None:
+        """Raise VariantStorageError unless a small object can be written."""
+        self.put(_probe_key(self.folder), PROBE_BYTES, "text/plain")
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import BotoCoreError, ClientError

@@ -180,8 +180,12 @@ PICSITE_ITEM_TIME_LIMIT_S = env_float("PICSITE_ITEM_TIME_LIMIT_S", 60)
 PICSITE_ITEM_RETRY_BASE_S = env_float("PICSITE_ITEM_RETRY_BASE_S", 10)
 PICSITE_ITEM_RETRY_CAP_S = env_float("PICSITE_ITEM_RETRY_CAP_S", 600)
 PICSITE_ITEM_MAX_ATTEMPTS = env_int("PICSITE_ITEM_MAX_ATTEMPTS", 3)
-# This many items in a row failing to upload = storage outage: the run fails.
+# This many storage failures in a row, counted across every worker and job (in the
+# database), mean the storage is down: runs pause, jobs wait, no attempts are charged.
 PICSITE_STORAGE_OUTAGE_THRESHOLD = env_int("PICSITE_STORAGE_OUTAGE_THRESHOLD", 8)
+# While it is down, probes back off from BASE to CAP seconds (the scheduled tick probes).
+PICSITE_OUTAGE_PROBE_BASE_S = env_float("PICSITE_OUTAGE_PROBE_BASE_S", 30)
+PICSITE_OUTAGE_PROBE_CAP_S = env_float("PICSITE_OUTAGE_PROBE_CAP_S", 600)
 # Parallel drain jobs started per run (several workers, also on several hosts).
 PICSITE_DRAIN_PARALLELISM = env_int("PICSITE_DRAIN_PARALLELISM", 2)
 PICSITE_DRAIN_SLICE_S = env_float("PICSITE_DRAIN_SLICE_S", 50)

@@ -397,13 +397,14 @@ def tick(
     ``create_if_idle`` (serverless deployments, where no per-upload job runs) first
     starts a default-scope run when none is active and the scope is not empty.
     """
-    _definition(task_key)
+    defn = _definition(task_key)
+    for paused in AdminTaskRun.objects.filter(task_key=task_key, status=RunStatus.PAUSED).exclude(pause_reason="budget"):
+        resume_paused(run_id=paused.pk)  # probes (with the definition's backoff) and resumes
     run = (
         AdminTaskRun.objects.filter(task_key=task_key, status__in=[*RunStatus.runnable(), RunStatus.CANCELLING])
         .order_by("id")
         .first()
     )
-    defn = _definition(task_key)
     if run is None and create_if_idle and defn.idle_scope is not None:
         try:
             run = create(task_key=task_key, scope=defn.idle_scope)
@@ -601,14 +602,50 @@ def _run_item_cost(run: AdminTaskRun) -> dict:
     return {"seconds": c.seconds_per_item, "bytes": c.bytes_per_item}
 
 
-def _pause(run: AdminTaskRun, reason: str, *, detail: str) -> None:
+def _pause(run: AdminTaskRun, reason: str, *, detail: str, stage: str = "budget") -> None:
+    """Pause a runnable run (the caller holds the run's advisory lock)."""
     run.status, run.pause_reason = RunStatus.PAUSED, reason
     run.lease_owner, run.lease_expires_at = "", None
     run.save(update_fields=["status", "pause_reason", "lease_owner", "lease_expires_at", "updated_at"])
     # Unfinished batches stay; they are adopted when the run resumes.
     AdminTaskBatch.objects.filter(run=run).update(lease_expires_at=timezone.now())
-    _record_issue_now(run, {"stage": "budget", "code": "budget", "message": detail})
+    _record_issue_now(run, {"stage": stage, "code": reason, "message": detail})
     _notify(run.pk, "status", status=run.status, reason=reason)
+
+
+def _pause_for(run_id: int, defn: TaskDefinition, failure: ItemFailure) -> None:
+    """An item failed for a reason that is not its own (``failure.pause_run``, e.g. the
+    storage is down): pause the run until the definition's probe says it can go on."""
+    with transaction.atomic():
+        with connection.cursor() as cur:  # waits out any checkpoint in flight
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, _run_key(run_id)])
+        run = AdminTaskRun.objects.select_for_update().get(pk=run_id)
+        if run.status not in RunStatus.runnable():
+            return  # already paused (another worker saw it first), cancelling or ended
+        logger.warning("run %s paused (%s): %s", run_id, failure.pause_run, failure.message)
+        _pause(run, failure.pause_run, detail=f"paused until it can go on: {failure.message[:400]}", stage=failure.stage)
+
+
+def resume_paused(*, run_id: int) -> AdminTaskRun:
+    """Resume a run paused for a reason its definition can probe (not a budget: that one
+    resumes when the budget is raised). The probe runs outside any transaction."""
+    run = _get_run(run_id)
+    defn = _definition(run.task_key)
+    reason = run.pause_reason
+    if run.status != RunStatus.PAUSED or reason in ("", "budget") or defn.probe is None:
+        return run
+    if not defn.probe(reason):
+        return run
+    with transaction.atomic():
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_advisory_xact_lock(%s, %s)", [defn.lock_id, _run_key(run.pk)])
+        run = AdminTaskRun.objects.select_for_update().get(pk=run.pk)
+        if run.status == RunStatus.PAUSED and run.pause_reason == reason:
+            run.status, run.pause_reason = RunStatus.QUEUED, ""
+            run.save(update_fields=["status", "pause_reason", "updated_at"])
+            _record_issue_now(run, {"stage": "run", "code": "resumed", "message": f"{reason} is over: resumed"})
+            _notify(run.pk, "status", status=run.status)
+    return run
 
 
 # --- per-item execution ----------------------------------------------------------------
@@ -733,7 +770,6 @@ def _work_batch(
     """Process the claim's remaining items. Returns False when this worker must stop."""
     remaining = claim.item_ids[claim.position :]
     items = {obj.pk: obj for obj in defn.item_queryset().filter(pk__in=remaining)}
-    consecutive_outage = 0
     ledger = {}
     if claim.is_retry:
         ledger = {row.item_id: row for row in AdminTaskItem.objects.filter(run_id=run_id, item_id__in=remaining)}
@@ -746,19 +782,16 @@ def _work_batch(
         if outcome.kind == "stopped":
             _release_batch(run_id, defn, owner, claim)
             return False
-        if outcome.failure is not None and outcome.failure.code in defn.outage_codes:
-            consecutive_outage += 1
-        else:
-            consecutive_outage = 0
         last = index == len(remaining) - 1
         state = _checkpoint(run_id, defn, owner, claim, item_id, outcome, ledger.get(item_id), last)
         if state is None:  # lease lost: someone adopted the batch; write nothing more
             return False
-        if consecutive_outage >= settings.PICSITE_STORAGE_OUTAGE_THRESHOLD:
-            raise RunFatal(
-                f"storage outage: {consecutive_outage} items in a row failed to upload "
-                f"(last: {outcome.failure.message})"
-            )
+        if outcome.failure is not None and outcome.failure.pause_run:
+            # Not the item's fault (it was recorded as a retry costing no attempt).
+            _pause_for(run_id, defn, outcome.failure)
+            if not last:
+                _release_batch(run_id, defn, owner, claim)
+            return False
         if state.status not in RunStatus.runnable():
             if not last:
                 _release_batch(run_id, defn, owner, claim)

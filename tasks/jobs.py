@@ -67,9 +67,12 @@ def _has_claimable_work(run: AdminTaskRun) -> bool:
 
 
 def tick_all_job() -> dict:
-    """Adopt runs whose workers died and resume runs waiting on retry backoff."""
+    """Adopt runs whose workers died, resume runs waiting on retry backoff, and
+    probe runs paused for a reason that can pass (a storage outage)."""
     started = {}
     for defn in registry.all_definitions():
+        for paused in AdminTaskRun.objects.filter(task_key=defn.key, status=RunStatus.PAUSED).exclude(pause_reason="budget"):
+            engine.resume_paused(run_id=paused.pk)  # e.g. the storage is back
         run = (
             AdminTaskRun.objects.filter(task_key=defn.key, status__in=[*RunStatus.runnable(), RunStatus.CANCELLING])
             .order_by("id")

@@ -27,19 +27,33 @@ class TaskUnavailable(Exception):
 
 
 class RunFatal(Exception):
-    """The run cannot go on (storage outage, configuration removed mid-run)."""
+    """The run cannot go on (configuration removed mid-run, an encoder missing)."""
 
 
 class ItemFailure(Exception):
-    """One item failed; the run goes on. ``retryable`` items come back with backoff."""
+    """One item failed; the run goes on. ``retryable`` items come back with backoff.
 
-    def __init__(self, *, code: str, stage: str, message: str, retryable: bool = True, counts_attempt: bool = True):
+    ``pause_run`` (a reason such as "storage_unavailable") says the failure is not the
+    item's: the item is retried later at no attempt's cost and the run pauses until the
+    definition's ``probe`` says it can go on."""
+
+    def __init__(
+        self,
+        *,
+        code: str,
+        stage: str,
+        message: str,
+        retryable: bool = True,
+        counts_attempt: bool = True,
+        pause_run: str = "",
+    ):
         super().__init__(message)
         self.code = code
         self.stage = stage
         self.message = message
-        self.retryable = retryable
-        self.counts_attempt = counts_attempt
+        self.retryable = retryable or bool(pause_run)
+        self.counts_attempt = counts_attempt and not pause_run
+        self.pause_run = pause_run
 
 
 @dataclass(frozen=True)
@@ -86,10 +100,9 @@ class TaskDefinition:
     cost: CostModel
     # Raise TaskUnavailable when the task cannot run (checked at create and per batch).
     check_available: Callable[[], None] = field(default=lambda: None)
-    # A processor failure that means the whole run must stop.
-    fatal_codes: frozenset[str] = frozenset()
-    # This many consecutive failures with one of these codes means an outage.
-    outage_codes: frozenset[str] = frozenset()
+    # Can a run paused by an ItemFailure's ``pause_run`` reason go on? Called by the
+    # scheduled and push ticks (the engine knows nothing of what it checks).
+    probe: Callable[[str], bool] | None = None
     # Scope a push tick may start a run with when none is active (None: never).
     idle_scope: dict | None = None
 

@@ -5,6 +5,7 @@ claim, metadata refresh outcomes, and the django-q2 drain job."""
 from __future__ import annotations
 
 import inspect
+import io
 import threading
 import time
 from datetime import timedelta
@@ -13,9 +14,10 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 from django_q.models import OrmQ
+from PIL import Image as PILImage
 
 from gallery import imaging
-from gallery.models import Image
+from gallery.models import Image, StorageHealth
 from gallery.services import (
     _claim,
     _release,
@@ -25,7 +27,7 @@ from gallery.services import (
 )
 from gallery.storage import variant_key
 from tasks import engine
-from tasks.jobs import drain_run_job
+from tasks.jobs import drain_run_job, tick_all_job
 from tasks.models import AdminTaskBatch, AdminTaskItem, ItemState, RunStatus
 from tests.fault_proxy import FaultProxy
 
@@ -132,14 +134,65 @@ def test_s3_faults_are_retried_and_invariant_holds_throughout(corpus, settings, 
     assert Image.objects.filter(variants_ready=True).count() == len(images)
 
 
-def test_storage_outage_fails_the_run_with_clear_error(corpus, settings, s3_storage, moto_server):
-    ingest(corpus, SMALL_PHOTOS)
+def _distinct_photos(n: int) -> list[bytes]:
+    """n small, different JPEGs (400 px wide: one 320 tier each)."""
+    out = []
+    for i in range(n):
+        img = PILImage.new("RGB", (400, 300), (i * 10 % 256, 255 - i * 7 % 256, i * 13 % 256))
+        img.paste((i * 31 % 256, 40, 200), (i * 8, 20, i * 8 + 60, 140))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_storage_outage_pauses_the_run_and_it_finishes_by_itself_when_storage_is_back(corpus, settings, s3_storage, moto_server):
+    """Default settings (outage threshold 8, batches of 4) and two workers. The failure count
+    used to be local to a batch (4 < 8), so every image burned its attempts and the run ended
+    succeeded with all of them failed."""
+    photos = _distinct_photos(24)
+    images = [image_ingest(data=data, filename=f"outage-{i}.jpg").image for i, data in enumerate(photos)]
+    settings.PICSITE_OUTAGE_PROBE_BASE_S = 0  # probe at every tick (the schedule's minute, here)
+    threshold, batch = settings.PICSITE_STORAGE_OUTAGE_THRESHOLD, engine._definition("preprocess-images").batch_size
+    workers = 2
     with FaultProxy(moto_server, fail_share=1.0) as proxy:
         settings.PICSITE_S3_ENDPOINT_URL = proxy.url
-        settings.PICSITE_STORAGE_OUTAGE_THRESHOLD = 3
-        run = drain(engine.create(task_key="preprocess-images", scope={}).pk)
-    assert run.status == RunStatus.FAILED
-    assert "storage outage" in run.last_error
+        run = engine.create(task_key="preprocess-images", scope={})
+
+        def worker() -> None:
+            try:
+                for _ in range(100):
+                    if engine.kick(run_id=run.pk).status not in RunStatus.runnable():
+                        return
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=worker) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        run.refresh_from_db()
+        assert (run.status, run.pause_reason) == (RunStatus.PAUSED, "storage_unavailable"), run.recent_issues[:3]
+        charged = AdminTaskItem.objects.filter(run=run, attempts__gt=0).count()
+        assert 0 < charged <= threshold + workers * batch
+        assert run.failed == 0
+        assert Image.objects.exclude(variants_error="").count() <= charged
+        # Still down: the scheduled tick probes, finds it down, and leaves the run paused.
+        tick_all_job()
+        run.refresh_from_db()
+        assert run.status == RunStatus.PAUSED
+        assert StorageHealth.objects.get(name="variants").failed_probes == 1
+
+        proxy.fail_share = 0.0  # the bucket is back
+        for _ in range(20):
+            tick_all_job()
+            run.refresh_from_db()
+            if run.status not in (*RunStatus.runnable(), RunStatus.PAUSED):
+                break
+    assert run.status == RunStatus.SUCCEEDED, (run.status, run.recent_issues[:3])
+    assert (run.succeeded, run.failed) == (len(images), 0)
+    assert Image.objects.filter(variants_ready=True, variants_error="").count() == len(images)
 
 
 def test_storage_config_removed_mid_run_fails_run(corpus, settings, local_storage):

@@ -3,11 +3,13 @@ exponential backoff, and stepping aside while a backfill holds the image."""
 
 from __future__ import annotations
 
+import io
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 from django_q.models import Schedule
+from PIL import Image as PILImage
 
 from gallery.jobs import generate_variants_job, upload_retry_delay
 from gallery.models import Image
@@ -71,3 +73,33 @@ def test_backoff_grows_exponentially(settings):
     settings.PICSITE_UPLOAD_RETRY_BASE_S = 10
     assert 8 <= upload_retry_delay(1) <= 12
     assert 32 <= upload_retry_delay(3) <= 48
+
+
+def test_storage_outage_costs_upload_jobs_no_attempt_and_no_error(image, settings, variant_root):
+    """Upload jobs share the outage state with runs (and with each other): once the storage
+    is known to be down a job records no error and uses no attempt; it comes back when the
+    storage does."""
+    settings.PICSITE_OUTAGE_PROBE_BASE_S = 0
+    others = [
+        image_ingest(data=_small_jpeg(i), filename=f"other-{i}.jpg").image
+        for i in range(settings.PICSITE_STORAGE_OUTAGE_THRESHOLD - 1)
+    ]
+    variant_root.parent.mkdir(parents=True, exist_ok=True)
+    variant_root.write_bytes(b"")  # every put fails from now on
+    for other in others:  # other uploads' jobs fail first (and may record their reason)
+        assert generate_variants_job(other.pk, 1) == "retrying"
+    assert generate_variants_job(image.pk, 2) == "storage_unavailable"
+    image.refresh_from_db()
+    assert image.variants_error == "" and not image.variants_ready
+    retry = Schedule.objects.get(func=JOB, args__startswith=f"{image.pk},")
+    assert retry.args == f"{image.pk},2"  # no attempt used
+    variant_root.unlink()  # the storage is back
+    assert generate_variants_job(image.pk, 2) == "ready"
+    image.refresh_from_db()
+    assert image.variants_ready and image.variants_error == ""
+
+
+def _small_jpeg(i: int) -> bytes:
+    buf = io.BytesIO()
+    PILImage.new("RGB", (64, 48), (i * 20 % 256, 90, 200)).save(buf, "JPEG")
+    return buf.getvalue()

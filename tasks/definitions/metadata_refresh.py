@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from gallery.imaging import ImageRejected
 from gallery.models import Image
-from gallery.services import OriginalFetchError, image_refresh_metadata
+from gallery.services import STORAGE_UNAVAILABLE, OriginalFetchError, image_refresh_metadata
+from gallery.storage_health import ORIGINALS, storages_recover
 from tasks.registry import (
     CostModel,
     ItemFailure,
@@ -49,7 +50,8 @@ def process(image: Image, cancel, scope: dict) -> ItemResult:
     try:
         changed = image_refresh_metadata(image=image, cancel=cancel)
     except OriginalFetchError as exc:
-        raise ItemFailure(code=exc.code, stage="fetch", message=exc.message) from exc
+        pause = STORAGE_UNAVAILABLE if exc.code == STORAGE_UNAVAILABLE else ""
+        raise ItemFailure(code=exc.code, stage="fetch", message=exc.message, pause_run=pause) from exc
     except ImageRejected as exc:
         raise ItemFailure(code="exif_read_failed", stage="parse-exif", message=f"{exc.code}: {exc.message}", retryable=False) from exc
     return ItemResult("succeeded" if changed else "skipped")
@@ -71,5 +73,6 @@ DEFINITION = register(
         item_queryset=lambda: Image.objects.alive(),  # a deleted photo leaves every batch
         process=process,
         cost=CostModel(seconds_per_item=0.15),
+        probe=lambda reason: storages_recover(storages=(ORIGINALS,)),
     )
 )

@@ -14,6 +14,7 @@ from django.db.models import Q
 
 from gallery.models import Image
 from gallery.services import (
+    STORAGE_UNAVAILABLE,
     ImageBusy,
     ImageGone,
     VariantGenerationError,
@@ -22,6 +23,7 @@ from gallery.services import (
     variant_recipe_current,
 )
 from gallery.storage import VariantStorageNotConfigured, variant_store_resolve
+from gallery.storage_health import storages_recover
 from tasks.registry import (
     CostModel,
     ItemFailure,
@@ -97,6 +99,10 @@ def process(image: Image, cancel, scope: dict) -> ItemResult:
         # An upload's own job holds the image; look again shortly without using an attempt.
         raise ItemFailure(code="busy", stage="claim", message=str(exc), counts_attempt=False) from exc
     except VariantGenerationError as exc:
+        if exc.code == STORAGE_UNAVAILABLE:
+            # The storage is down (known across workers): no attempt used, no error kept on
+            # the image; the run pauses until the probe finds the storage back.
+            raise ItemFailure(code=exc.code, stage=exc.stage, message=exc.message, pause_run=STORAGE_UNAVAILABLE) from exc
         # The reason stays visible on the image (admin, "failed only" scope).
         image_record_variant_failure(image_id=image.pk, message=f"{exc.stage}/{exc.code}: {exc.message}")
         # A file that will not decode will not decode next time either.
@@ -128,7 +134,7 @@ DEFINITION = register(
         process=process,
         cost=CostModel(seconds_per_item=2.0, bytes_per_item=600_000, writes_per_item=16),
         check_available=check_available,
-        outage_codes=frozenset({"variant_upload_failed"}),
+        probe=lambda reason: storages_recover(),
         idle_scope={"new_only": True},
     )
 )
