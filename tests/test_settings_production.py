@@ -285,3 +285,36 @@ def test_debug_off_serves_https_only_with_secure_cookies_and_hsts(tmp_path, djan
         assert login.status == 302, (login.status, login.text[-500:])
         session_cookie = _cookie(login, "sessionid")
         assert session_cookie and "; Secure" in session_cookie, session_cookie
+
+
+# --- database connections under ASGI -------------------------------------------------------
+
+
+@pytest.mark.django_db(transaction=True)
+def test_asgi_requests_leave_no_database_connections_behind(tmp_path):
+    """Each request runs its sync code on a thread of its own (asgiref), so a persistent
+    connection (CONN_MAX_AGE > 0) is never reused: it lingers, open and idle, until the
+    garbage collector finds it, and under load they pile up towards max_connections."""
+    import time
+    import urllib.request
+    import uuid
+
+    from django.db import connection
+
+    app_name = f"picsite-conn-{uuid.uuid4().hex[:8]}"
+    env = {"DATABASE_URL": f"{test_database_url()}?application_name={app_name}"}
+
+    def server_backends() -> int:
+        with connection.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [app_name])
+            return cur.fetchone()[0]
+
+    with live_uvicorn(media_root=tmp_path / "media", env=env) as base_url:
+        for _ in range(20):
+            with urllib.request.urlopen(base_url + "/healthz", timeout=10) as response:
+                assert response.status == 200
+        # A closed connection's backend exits a moment after the request; a kept one stays.
+        deadline = time.monotonic() + 10
+        while (left := server_backends()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert left == 0, f"{left} connections of the ASGI server still open after 20 requests"
