@@ -40,8 +40,9 @@ def env_float(name: str, default: float) -> float:
 # worktree, hence exists()) where DJANGO_DEBUG is not set to false. Only there do the
 # development defaults apply. The Docker image has no .git (.dockerignore) and sets
 # DJANGO_DEBUG=0, so it never falls back to them.
-DEBUG = env_bool("DJANGO_DEBUG", (BASE_DIR / ".git").exists())
-PICSITE_DEV_DEFAULTS = DEBUG and (BASE_DIR / ".git").exists()
+_GIT_CHECKOUT = (BASE_DIR / ".git").exists()
+DEBUG = env_bool("DJANGO_DEBUG", _GIT_CHECKOUT)
+PICSITE_DEV_DEFAULTS = DEBUG and _GIT_CHECKOUT
 _PRODUCTION_HINT = "required unless DEBUG is on in a git checkout (docs/configuration.md)"
 _NEW_SECRET = "python -c 'import secrets; print(secrets.token_urlsafe(50))'"
 
