@@ -3,16 +3,17 @@
 # Build:
 #   docker build -t picsite .
 #
-# Configure everything through the environment (see docs/configuration.md). In a container
-# DATABASE_URL is required: without it settings would start the embedded development
-# Postgres inside the container.
+# Configure everything through the environment (see docs/configuration.md). The image runs
+# with DEBUG off and has no .git, so no development default applies: without
+# DJANGO_SECRET_KEY (50+ random characters) or DATABASE_URL start-up stops with an error
+# naming the variable.
 #
-# Web (uvicorn, ASGI, port 8000):
+# Web (uvicorn, ASGI, port 8000), behind a TLS-terminating proxy:
 #   docker run -d -p 8000:8000 --env-file picsite.env -v picsite-media:/app/media picsite
-#   picsite.env at least: DATABASE_URL=postgres://user:pass@db:5432/picsite
-#                         DJANGO_SECRET_KEY=<long random string>
-#                         DJANGO_ALLOWED_HOSTS=photos.example.com,127.0.0.1,localhost
-#   (keep 127.0.0.1 in DJANGO_ALLOWED_HOSTS: the HEALTHCHECK requests /healthz (a database round trip) on it)
+#   picsite.env: the production variables of docs/deployment.md ("Production environment"):
+#                DATABASE_URL, DJANGO_SECRET_KEY, DJANGO_ALLOWED_HOSTS, PICSITE_PROXY_SSL_HEADER...
+#   (keep 127.0.0.1 in DJANGO_ALLOWED_HOSTS: the HEALTHCHECK requests /healthz (a database
+#   round trip) on it over plain http, which is exempt from the https redirect)
 #
 # Migrations, once per release (they also install the engine's tick schedule):
 #   docker run --rm --env-file picsite.env picsite python manage.py migrate
@@ -63,9 +64,11 @@ COPY --from=builder /opt/venv /opt/venv
 # Application code stays owned by root (read-only for the app user); see .dockerignore.
 COPY . /app
 
-# Static files are collected at build time and served by WhiteNoise. collectstatic does not
-# touch the database; the dummy DATABASE_URL only keeps settings from starting the embedded one.
-RUN DATABASE_URL=postgres://build@127.0.0.1:5432/build DJANGO_SECRET_KEY=collectstatic-only \
+# Static files are collected at build time and served by WhiteNoise. collectstatic touches
+# neither the database nor signing, but settings require both variables: a dummy URL and a
+# throwaway key that lives only for this command (never in a layer).
+RUN DATABASE_URL=postgres://build@127.0.0.1:5432/build \
+        DJANGO_SECRET_KEY="$(python -c 'import secrets; print(secrets.token_urlsafe(50))')" \
         python manage.py collectstatic --noinput --verbosity 0 \
     && mkdir -p /app/media \
     && chown picsite:picsite /app/media
