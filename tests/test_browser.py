@@ -26,6 +26,7 @@ from django.utils import timezone
 from gallery.models import Image
 from tasks.models import AdminTaskRun, RunStatus
 from tests.live_processes import LiveSite, start_site
+from tests.perms import grant
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -148,6 +149,7 @@ def test_admin_tasks_end_to_end(site, browser, shot, django_user_model, settings
     staff = django_user_model.objects.create_user("browser-staff", password=STAFF_PW, is_staff=True)
     staff.user_permissions.set(
         Permission.objects.filter(content_type__app_label="gallery", codename__in=["add_image", "view_image", "change_image"])
+        | Permission.objects.filter(content_type__app_label="tasks", codename__in=["view_admintaskrun", "run_tasks"])
     )
     plain = django_user_model.objects.create_user("browser-plain", password=PLAIN_PW)
 
@@ -378,6 +380,7 @@ def test_page_drives_kicks_without_a_worker(kick_site, shot, django_user_model):
     for name in GOOD_PHOTOS:
         image_ingest(data=(CORPUS / "photos" / name).read_bytes(), filename=name)
     staff = django_user_model.objects.create_user("kick-staff", password=STAFF_PW, is_staff=True)
+    grant(staff, "tasks.view_admintaskrun", "tasks.run_tasks")
     base = kick_site.base_url
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)

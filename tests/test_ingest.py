@@ -43,7 +43,10 @@ def gallery_media(settings, tmp_path) -> Path:
 
 @pytest.fixture
 def staff(django_user_model):
-    return django_user_model.objects.create_user("ingest-staff", password="pw-staff-123", is_staff=True)
+    from tests.perms import grant
+
+    user = django_user_model.objects.create_user("ingest-staff", password="pw-staff-123", is_staff=True)
+    return grant(user, "gallery.add_image")  # what the upload API asks, like the admin upload form
 
 
 @pytest.fixture
