@@ -9,6 +9,9 @@ import json
 from datetime import timedelta
 
 import pytest
+from django.contrib.admin.models import LogEntry
+from django.contrib.messages import get_messages
+from django.contrib.messages.storage.cookie import CookieStorage
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -231,3 +234,98 @@ def test_create_api_token_command_scopes_and_expiry(staff_user, capsys):
         with pytest.raises(CommandError):
             call_command("create_api_token", staff_user.username, *bad)
     assert ApiToken.objects.count() == 2
+
+
+# --- minting tokens in the admin ---------------------------------------------------------------
+
+ADD = "/admin/picsite/apitoken/add/"
+LIST = "/admin/picsite/apitoken/"
+
+
+def add_form(user_pk: int, name: str, scopes=("read", "write"), **extra) -> dict:
+    return {"user": user_pk, "name": name, "scopes": list(scopes), **extra}
+
+
+def test_admin_non_superuser_mints_only_for_themselves(staff_user_no_perms, plain_user):
+    grant(staff_user_no_perms, *TOKEN_ADMIN)
+    client = session(staff_user_no_perms)
+    form = client.get(ADD)
+    assert form.status_code == 200
+    html = form.content.decode()
+    assert f'value="{staff_user_no_perms.pk}"' in html
+    assert f'value="{plain_user.pk}"' not in html  # the only choice is oneself
+
+    forged = client.post(ADD, add_form(plain_user.pk, "for-someone-else"))
+    assert forged.status_code == 200  # the form again, with an error
+    assert not ApiToken.objects.filter(user=plain_user).exists()
+    assert not ApiToken.objects.exists()
+
+    own = client.post(ADD, add_form(staff_user_no_perms.pk, "mine", scopes=["read"]))
+    assert own.status_code == 200
+    token = ApiToken.objects.get()
+    assert token.user == staff_user_no_perms and token.scope_list == ["read"]
+
+
+def test_admin_superuser_may_mint_for_another_user(django_user_model, staff_user):
+    root = django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123")
+    past = timezone.localtime() - timedelta(days=1)
+    refused = session(root).post(
+        ADD, add_form(staff_user.pk, "old", expires_at_0=past.strftime("%Y-%m-%d"), expires_at_1=past.strftime("%H:%M:%S"))
+    )
+    assert refused.status_code == 200 and "in the future" in refused.content.decode()
+    assert not ApiToken.objects.exists()
+    expires = (timezone.localtime() + timedelta(days=30)).replace(microsecond=0)
+    response = session(root).post(
+        ADD,
+        add_form(
+            staff_user.pk, "ci", scopes=["tick"],
+            expires_at_0=expires.strftime("%Y-%m-%d"), expires_at_1=expires.strftime("%H:%M:%S"),
+        ),
+    )  # fmt: skip
+    assert response.status_code == 200, response.content[:500]
+    token = ApiToken.objects.get()
+    assert token.user == staff_user and token.scope_list == ["tick"] and token.expires_at == expires
+
+
+def test_admin_raw_token_is_shown_once_and_never_stored_in_cookies_or_session(django_user_model):
+    root = django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123")
+    client = session(root)
+    response = client.post(ADD, add_form(root.pk, "shown-once"))
+    # Rendered in this response (no redirect that would need to carry it somewhere).
+    assert response.status_code == 200, response.status_code
+    token = ApiToken.objects.get(name="shown-once")
+    html = response.content.decode()
+    raw = html.split('data-testid="raw-token">', 1)[1].split("<", 1)[0].strip()
+    assert raw.startswith("pst_") and raw[:8] == token.prefix
+    assert "no-store" in response["Cache-Control"]
+
+    # Not in any Set-Cookie header, not even inside the (base64, signed) messages cookie.
+    set_cookies = [morsel.OutputString() for morsel in response.cookies.values()]
+    assert all(raw not in header for header in set_cookies), set_cookies
+    storage = CookieStorage(response.wsgi_request)
+    for morsel in response.cookies.values():
+        if morsel.key == storage.cookie_name:
+            assert all(raw not in str(m) for m in storage._decode(morsel.value) or [])
+    assert all(raw not in str(m) for m in get_messages(response.wsgi_request))
+    # Not in the session, nor in the admin's change log.
+    assert raw not in json.dumps(dict(client.session.items()), default=str)
+    assert not LogEntry.objects.filter(change_message__contains=raw).exists()
+    assert not LogEntry.objects.filter(object_repr__contains=raw).exists()
+    # Never shown again.
+    assert raw not in client.get(LIST).content.decode()
+    assert raw not in client.get(f"{LIST}{token.pk}/change/").content.decode()
+    assert bearer(raw).get(f"{META}/runs").status_code == 200
+
+
+def test_admin_non_superuser_sees_and_revokes_only_own_tokens(staff_user_no_perms, staff_user):
+    grant(staff_user_no_perms, *TOKEN_ADMIN)
+    mine, _ = api_token_create(user=staff_user_no_perms, name="mine-token")
+    theirs, _ = api_token_create(user=staff_user, name="their-token")
+    client = session(staff_user_no_perms)
+    listing = client.get(LIST).content.decode()
+    assert "mine-token" in listing and "their-token" not in listing
+    assert client.get(f"{LIST}{theirs.pk}/change/").status_code == 302  # "does not exist" -> back to the list
+    client.post(LIST, {"action": "revoke_tokens", "_selected_action": [mine.pk, theirs.pk]})
+    mine.refresh_from_db()
+    theirs.refresh_from_db()
+    assert mine.revoked_at is not None and theirs.revoked_at is None
