@@ -12,6 +12,7 @@ import pytest
 from django.contrib.admin.models import LogEntry
 from django.contrib.messages import get_messages
 from django.contrib.messages.storage.cookie import CookieStorage
+from django.core.exceptions import PermissionDenied
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -329,3 +330,39 @@ def test_admin_non_superuser_sees_and_revokes_only_own_tokens(staff_user_no_perm
     mine.refresh_from_db()
     theirs.refresh_from_db()
     assert mine.revoked_at is not None and theirs.revoked_at is None
+
+
+def test_token_service_refuses_minting_for_another_user_unless_superuser(staff_user_no_perms, staff_user, django_user_model):
+    with pytest.raises(PermissionDenied):
+        api_token_create(user=staff_user, name="theirs", minted_by=staff_user_no_perms)
+    assert api_token_create(user=staff_user_no_perms, name="mine", minted_by=staff_user_no_perms)[0].pk
+    root = django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123")
+    assert api_token_create(user=staff_user, name="by-root", minted_by=root)[0].user == staff_user
+
+
+# --- the /admin/tasks page -----------------------------------------------------------------------
+
+PAGE = "/admin/tasks/"
+
+
+def test_tasks_page_needs_view_permission(staff_user_no_perms):
+    client = session(staff_user_no_perms)
+    assert client.get(PAGE).status_code == 403
+    assert 'data-testid="task-runs-link"' not in client.get("/admin/").content.decode()
+
+
+def test_tasks_page_shows_controls_only_with_run_tasks(staff_user_no_perms, staff_user):
+    grant(staff_user_no_perms, VIEW_RUNS)
+    viewer = session(staff_user_no_perms).get(PAGE)
+    assert viewer.status_code == 200
+    html = viewer.content.decode()
+    assert 'data-can-run="false"' in html
+    assert html.count('data-testid="panel-') >= 2
+    for control in ("start", "cancel", "retry", "budget-items"):
+        assert f'data-testid="{control}"' not in html, control
+    assert 'data-testid="view-only"' in html
+
+    html = session(staff_user).get(PAGE).content.decode()
+    assert 'data-can-run="true"' in html
+    for control in ("start", "cancel", "retry", "budget-items"):
+        assert html.count(f'data-testid="{control}"') == 2, control
