@@ -7,6 +7,9 @@ and, when set, until ``expires_at``.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from datetime import datetime
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import models
@@ -28,7 +31,7 @@ DEFAULT_SCOPES = "read,write"
 SCOPES_PATTERN = r"^(read|write|tick)(,(read|write|tick))*$"
 
 
-def token_scopes_normalize(scopes) -> str:
+def token_scopes_normalize(scopes: str | Iterable[str]) -> str:
     """``scopes`` (names, or a comma-separated string) as stored: "read,tick".
 
     Raises ValueError on an unknown or empty selection.
@@ -84,5 +87,5 @@ class ApiToken(models.Model):
     def scope_list(self) -> list[str]:
         return self.scopes.split(",")
 
-    def is_expired(self, *, now=None) -> bool:
+    def is_expired(self, *, now: datetime | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or timezone.now())
