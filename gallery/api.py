@@ -1,7 +1,9 @@
 """JSON API: ``POST /api/v1/images`` (multipart upload of one or many photos).
 
-A thin adapter: auth via ``picsite.api_auth.api_user``, the work in
-``gallery.importer.ingest_uploads``. Every error is a JSON ``{"error": {...}}`` body.
+A thin adapter: auth via ``picsite.api_auth.api_authorize`` (a staff user with
+``gallery.add_image``, as the admin's upload form requires; a token needs the
+``write`` scope), the work in ``gallery.importer.ingest_uploads``. Every error is a
+JSON ``{"error": {...}}`` body.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from django.views.decorators.csrf import csrf_exempt
 
 from gallery.importer import IngestItem, IngestSource, ingest_uploads
 from gallery.services import OriginalStorageError
-from picsite.api_auth import ApiAuthError, api_error, api_user
+from picsite.api_auth import Access, ApiAuthError, api_authorize, api_error
 
 FILE_FIELDS = ("file", "files")
+UPLOAD = Access(permission="gallery.add_image", scopes=("write",))
 
 
-# CSRF is checked by api_user for session callers (token callers need none), so the
+# CSRF is checked by api_authorize for session callers (token callers need none), so the
 # answer is a JSON 403 and an anonymous caller gets 401 rather than a CSRF page.
 @csrf_exempt
 def images_create(request: HttpRequest) -> JsonResponse:
@@ -27,11 +30,7 @@ def images_create(request: HttpRequest) -> JsonResponse:
         response["Allow"] = "POST"
         return response
     try:
-        user = api_user(request)
-        if user is None:
-            return api_error(401, "not_authenticated", "Log in as a staff user to upload photos.")
-        if not user.is_staff:
-            return api_error(403, "forbidden", "Only staff users may upload photos.")
+        user = api_authorize(request, access=UPLOAD)
         uploads = [f for name in FILE_FIELDS for f in request.FILES.getlist(name)]
     except ApiAuthError as exc:
         return exc.response()

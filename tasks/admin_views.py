@@ -4,7 +4,10 @@ The page is a thin shell: the view only describes each task (title, scope choice
 derived from the definition's ``scope_fields``, API base URL) and the browser does
 the rest through ``/api/v1/...`` (preview count, start, cancel, retry failed, live
 progress over SSE with a polling fallback). Staff only, through
-``admin.site.admin_view`` so anyone else gets the admin login.
+``admin.site.admin_view`` so anyone else gets the admin login; then the same
+permissions as the API: viewing needs ``tasks.view_admintaskrun`` (else 403), and
+the start/cancel/retry controls (and the page's kicks) appear only with
+``tasks.run_tasks`` — the API refuses those requests anyway.
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import get_token
 from django.template.response import TemplateResponse
 
 from tasks import registry
+from tasks.models import PERM_RUN_TASKS, PERM_VIEW_RUNS
 from tasks.registry import TaskDefinition
 
 # Where each task's API lives (tasks/urls.py). A task missing here gets a panel that
@@ -94,11 +99,16 @@ def task_panels() -> list[TaskPanel]:
 
 
 def _tasks_page(request: HttpRequest) -> HttpResponse:
+    if not request.user.has_perm(PERM_VIEW_RUNS):
+        raise PermissionDenied(f"Viewing task runs needs the permission {PERM_VIEW_RUNS}.")
+    can_run = request.user.has_perm(PERM_RUN_TASKS)
     context = {
         **admin.site.each_context(request),
         "title": "Task runs",
         "panels": task_panels(),
-        "drives_kicks": bool(settings.PICSITE_ADMIN_PAGE_DRIVES_KICKS),
+        "can_run": can_run,
+        # A viewer who may not kick must not drive runs from the page either.
+        "drives_kicks": bool(settings.PICSITE_ADMIN_PAGE_DRIVES_KICKS) and can_run,
         "csrf_token_value": get_token(request),  # also sets the csrftoken cookie
     }
     return TemplateResponse(request, "admin/tasks.html", context)

@@ -5,9 +5,12 @@ into a dict (``tasks.serializers``). Every answer that is not a success is a JSO
 ``{"error": {"code", "message", "details"}}``: engine refusals map by their
 ``http_status``, so bad input is a 4xx, never a 500.
 
-Auth (``picsite.api_auth.api_user``): a bearer token, or a staff session that
+Auth (``picsite.api_auth.api_authorize``): a bearer token, or a staff session that
 passes CSRF on unsafe methods; ``POST tick`` also takes an HMAC-signed request
 (``picsite.push_sign``) so a cron job or a push service can drive the engine.
+Each handler declares what it needs (``@requires``): reading runs needs
+``tasks.view_admintaskrun`` (token scope ``read``), changing them ``tasks.run_tasks``
+(scope ``write``; the tick route also takes scope ``tick``) — the admin's permissions.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 import psycopg
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.core.exceptions import RequestDataTooBig
+from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
 from django.db import connection
 from django.db.models import prefetch_related_objects
 from django.http import HttpRequest, HttpResponse, JsonResponse, QueryDict, StreamingHttpResponse
@@ -35,10 +38,10 @@ from psycopg.conninfo import make_conninfo
 
 from gallery.models import Image
 from picsite import push_sign
-from picsite.api_auth import ApiAuthError, api_error, api_user
+from picsite.api_auth import Access, ApiAuthError, api_authorize, api_error
 from tasks import engine, registry, serializers
 from tasks.jobs import start_run_drains
-from tasks.models import AdminTaskRun, RunStatus
+from tasks.models import PERM_RUN_TASKS, PERM_VIEW_RUNS, AdminTaskRun, RunStatus
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +73,23 @@ class PayloadTooLarge(Exception):
 
 Handler = Callable[..., HttpResponse]
 
+# What the routes need of their caller (superusers hold every permission).
+VIEW = Access(permission=PERM_VIEW_RUNS, scopes=("read",))
+CONTROL = Access(permission=PERM_RUN_TASKS, scopes=("write",))
+# A scheduler's token can be narrowed to "tick"; "write" covers it too, since it may
+# already create and kick runs (so today's read+write tokens keep ticking).
+TICK = Access(permission=PERM_RUN_TASKS, scopes=("tick", "write"))
+
+
+def requires(access: Access) -> Callable[[Handler], Handler]:
+    """Declare what a handler's caller needs; ``api_endpoint`` refuses handlers without it."""
+
+    def mark(handler: Handler) -> Handler:
+        handler.access = access
+        return handler
+
+    return mark
+
 
 # --- the decorator every JSON route goes through ---------------------------------------------
 
@@ -77,20 +97,23 @@ Handler = Callable[..., HttpResponse]
 def api_endpoint(handlers: dict[str, Handler], *, push_signed: bool = False) -> Callable[..., HttpResponse]:
     """One view for one path: method dispatch (405 + Allow), auth, error mapping.
 
-    Handlers are called as ``handler(request, **url_kwargs)`` once the caller is a
-    staff user (bearer token, or session + CSRF) or, when ``push_signed``, sent a
-    valid push signature.
+    Handlers are called as ``handler(request, **url_kwargs)`` once the caller has
+    what the handler ``@requires`` (bearer token, or session + CSRF) or, when
+    ``push_signed``, sent a valid push signature.
     """
+    unguarded = [h.__name__ for h in handlers.values() if not isinstance(getattr(h, "access", None), Access)]
+    if unguarded:
+        raise ImproperlyConfigured(f"API handlers without @requires: {', '.join(unguarded)}")
     allow = ", ".join(sorted(handlers))
 
-    @csrf_exempt  # CSRF is enforced by api_user for session callers (JSON 403)
+    @csrf_exempt  # CSRF is enforced by api_authorize for session callers (JSON 403)
     @wraps(next(iter(handlers.values())))
     def view(request: HttpRequest, **kwargs: Any) -> HttpResponse:
         handler = handlers.get(request.method or "")
         if handler is None:
             return method_not_allowed(request, allow=allow)
         try:
-            denied = _authorize(request, push_signed=push_signed)
+            denied = _authorize(request, access=handler.access, push_signed=push_signed)
             if denied is not None:
                 return denied
             return handler(request, **kwargs)
@@ -112,12 +135,13 @@ def method_not_allowed(request: HttpRequest, *, allow: str) -> JsonResponse:
     return response
 
 
-def _authorize(request: HttpRequest, *, push_signed: bool) -> JsonResponse | None:
+def _authorize(request: HttpRequest, *, access: Access, push_signed: bool) -> JsonResponse | None:
     """None when the caller may proceed, else the JSON refusal.
 
-    With ``push_signed``, a request carrying signature headers passes on a good
-    signature; on a bad one it still passes as a staff user, else it gets a 401
-    saying what was wrong with the signature.
+    The caller needs ``access`` (``api_authorize``: active staff, the permission and,
+    for a token, one of the scopes). With ``push_signed``, a good push signature is
+    authority enough; on a bad one the caller still passes on its own credentials,
+    else it gets a 401 saying what was wrong with the signature.
     """
     signature_sent = push_signed and _signature_sent(request)
     problem = None
@@ -126,14 +150,13 @@ def _authorize(request: HttpRequest, *, push_signed: bool) -> JsonResponse | Non
         if problem is None:
             request.api_auth = "push_signature"
             return None
-    user = api_user(request)
-    if user is not None and user.is_staff:
-        return None
-    if signature_sent:
-        return api_error(401, "invalid_signature", f"Push signature refused: {problem}.")
-    if user is None:
-        return api_error(401, "not_authenticated", "Send a bearer token or log in as a staff user.")
-    return api_error(403, "forbidden", "Only staff users may use the task API.")
+    try:
+        api_authorize(request, access=access)
+    except ApiAuthError as exc:
+        if signature_sent:
+            return api_error(401, "invalid_signature", f"Push signature refused: {problem}.")
+        return exc.response()
+    return None
 
 
 def _signature_sent(request: HttpRequest) -> bool:
@@ -295,12 +318,14 @@ def _run_json(run: AdminTaskRun, *, status: int = 200) -> JsonResponse:
 # --- handlers -----------------------------------------------------------------------------------
 
 
+@requires(VIEW)
 def _preview_count(request: HttpRequest, *, task_key: str) -> JsonResponse:
     scope = _scope_from_query(task_key=task_key, query=request.GET)
     preview = engine.preview_count(task_key=task_key, scope=scope)
     return JsonResponse(serializers.preview_to_dict(preview))
 
 
+@requires(VIEW)
 def _runs_list(request: HttpRequest, *, task_key: str) -> JsonResponse:
     runs = engine.list_runs(task_key=task_key, limit=10)
     everything = [r for r in [runs["active"], *runs["recent"]] if r is not None]
@@ -308,6 +333,7 @@ def _runs_list(request: HttpRequest, *, task_key: str) -> JsonResponse:
     return JsonResponse(serializers.run_list_to_dict(active=runs["active"], recent=runs["recent"]))
 
 
+@requires(CONTROL)
 def _runs_create(request: HttpRequest, *, task_key: str) -> JsonResponse:
     data = _json_object(request, allowed={"scope", "budget"}, required={"scope"})
     scope = _object_field(data, "scope")
@@ -320,6 +346,7 @@ def _runs_create(request: HttpRequest, *, task_key: str) -> JsonResponse:
     return response
 
 
+@requires(VIEW)
 def _run_detail(request: HttpRequest, *, task_key: str, run_id: int) -> JsonResponse:
     _run_of_task(task_key=task_key, run_id=run_id)
     found = engine.detail(run_id=run_id, task_key=task_key)
@@ -329,6 +356,7 @@ def _run_detail(request: HttpRequest, *, task_key: str, run_id: int) -> JsonResp
     return JsonResponse(serializers.run_detail_to_dict(run=run, items=items, thumbnails=thumbnails))
 
 
+@requires(CONTROL)
 def _run_kick(request: HttpRequest, *, task_key: str, run_id: int) -> JsonResponse:
     run = _run_of_task(task_key=task_key, run_id=run_id)
     if run.status in RunStatus.finished():
@@ -341,11 +369,13 @@ def _run_kick(request: HttpRequest, *, task_key: str, run_id: int) -> JsonRespon
     return _run_json(run)
 
 
+@requires(CONTROL)
 def _run_cancel(request: HttpRequest, *, task_key: str, run_id: int) -> JsonResponse:
     run = _run_of_task(task_key=task_key, run_id=run_id)
     return _run_json(engine.cancel(run_id=run.pk))
 
 
+@requires(CONTROL)
 def _run_retry_failed(request: HttpRequest, *, task_key: str, run_id: int) -> JsonResponse:
     run = _run_of_task(task_key=task_key, run_id=run_id)
     run = engine.retry_failed(run_id=run.pk)
@@ -353,6 +383,7 @@ def _run_retry_failed(request: HttpRequest, *, task_key: str, run_id: int) -> Js
     return _run_json(run)
 
 
+@requires(CONTROL)
 def _run_budget(request: HttpRequest, *, task_key: str, run_id: int) -> JsonResponse:
     run = _run_of_task(task_key=task_key, run_id=run_id)
     data = _json_object(request, allowed={"budget"}, required={"budget"})
@@ -364,6 +395,7 @@ def _run_budget(request: HttpRequest, *, task_key: str, run_id: int) -> JsonResp
     return _run_json(run)
 
 
+@requires(TICK)
 def _tick(request: HttpRequest, *, task_key: str) -> JsonResponse:
     run = engine.tick(
         task_key=task_key,
@@ -433,7 +465,7 @@ def _listen_conninfo() -> str:
 
 def _stream_start(request: HttpRequest, *, task_key: str, run_id: int) -> _StreamStart:
     try:
-        denied = _authorize(request, push_signed=False)
+        denied = _authorize(request, access=VIEW, push_signed=False)
         if denied is not None:
             return _StreamStart(refusal=denied)
         _run_of_task(task_key=task_key, run_id=run_id)

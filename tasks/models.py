@@ -43,6 +43,11 @@ class RunStatus(models.TextChoices):
         return [cls.SUCCEEDED, cls.FAILED, cls.CANCELLED]
 
 
+# What the task API and the /admin/tasks page check (superusers pass both).
+PERM_VIEW_RUNS = "tasks.view_admintaskrun"
+PERM_RUN_TASKS = "tasks.run_tasks"
+
+
 class AdminTaskRun(models.Model):
     task_key = models.CharField(max_length=64)
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
@@ -97,6 +102,8 @@ class AdminTaskRun(models.Model):
             )
         ]
         indexes = [models.Index(fields=["task_key", "-id"], name="run_task_recent_idx")]
+        # Watching runs is the model's view permission; starting and controlling them is this.
+        permissions = [("run_tasks", "Can start and control task runs")]
 
     def __str__(self) -> str:
         return f"{self.task_key} #{self.pk} ({self.status})"

@@ -35,8 +35,10 @@ DATETIME: Schema = {"type": "string", "format": "date-time"}
 
 ERROR_RESPONSES: dict[str, str] = {
     "400": "Malformed JSON, wrong types, unknown keys or parameters (details.field names the culprit).",
-    "401": "Not authenticated (no or revoked bearer token, no session).",
-    "403": "Authenticated but not staff, or a session request that failed the CSRF check (code csrf_failed).",
+    "401": "Not authenticated (no or revoked bearer token, no session), or the token has expired (code token_expired).",
+    "403": "Authenticated but not active staff (forbidden), missing the route's Django permission (permission_denied, "
+    "details.permission), a token without the route's scope (insufficient_scope), or a session request that failed "
+    "the CSRF check (csrf_failed).",
     "404": "No such run for this task.",
     "405": "Method not allowed (the Allow header lists the allowed ones).",
     "409": "Another run of this task is active, or the transition is not allowed in the run's state.",
@@ -269,7 +271,10 @@ def _components(scope_schemas: dict[str, Schema]) -> Schema:
             "bearerAuth": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "An API token (pst_...) from the admin or `manage.py create_api_token`. No CSRF.",
+                "description": "An API token (pst_...) from the admin or `manage.py create_api_token`. No CSRF. "
+                "Scopes: read (GET routes), write (state-changing routes, tick included), tick (only POST .../tick); "
+                "the token's user also needs the route's permission: tasks.view_admintaskrun to read runs, "
+                "tasks.run_tasks to change them, gallery.add_image to upload.",
             },
             "cookieAuth": {
                 "type": "apiKey",

@@ -1,5 +1,5 @@
 """Shared fixtures. They compose: ``variant_root`` -> ``local_storage`` / ``s3_storage``
-(-> ``moto_server``), ``staff_user`` -> ``staff_client``.
+(-> ``moto_server``), ``staff_user`` -> ``staff_client``; ``staff_user_no_perms``.
 
 Everything runs against the real Postgres (embedded by default) and real servers on
 loopback; nothing is mocked in-process.
@@ -119,9 +119,23 @@ def s3_storage(settings, media_root, moto_server, s3_bucket):
     return variant_store_resolve()
 
 
+# What the task page, the task API and the upload API need (superusers need nothing).
+STAFF_PERMISSIONS = ("tasks.view_admintaskrun", "tasks.run_tasks", "gallery.add_image")
+
+
 @pytest.fixture
 def staff_user(django_user_model):
-    return django_user_model.objects.create_user("staff", "staff@example.com", "pw-staff-123", is_staff=True)
+    """A staff user allowed to watch and run tasks and to upload photos."""
+    from tests.perms import grant
+
+    user = django_user_model.objects.create_user("staff", "staff@example.com", "pw-staff-123", is_staff=True)
+    return grant(user, *STAFF_PERMISSIONS)
+
+
+@pytest.fixture
+def staff_user_no_perms(django_user_model):
+    """Staff (may log in to the admin) but granted no permission at all."""
+    return django_user_model.objects.create_user("staff-np", "staff-np@example.com", "pw-staff-123", is_staff=True)
 
 
 @pytest.fixture

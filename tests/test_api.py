@@ -619,7 +619,7 @@ def test_admin_creates_token_shown_once_and_revokes(client, django_user_model):
     admin_user = django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123")
     client.force_login(admin_user)
     response = client.post(
-        "/admin/picsite/apitoken/add/", {"user": admin_user.pk, "name": "from-admin"}, follow=True
+        "/admin/picsite/apitoken/add/", {"user": admin_user.pk, "name": "from-admin", "scopes": ["read", "write"]}, follow=True
     )
     assert response.status_code == 200
     token = ApiToken.objects.get(name="from-admin")

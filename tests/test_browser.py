@@ -26,6 +26,7 @@ from django.utils import timezone
 from gallery.models import Image
 from tasks.models import AdminTaskRun, RunStatus
 from tests.live_processes import LiveSite, start_site
+from tests.perms import grant
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -148,6 +149,7 @@ def test_admin_tasks_end_to_end(site, browser, shot, django_user_model, settings
     staff = django_user_model.objects.create_user("browser-staff", password=STAFF_PW, is_staff=True)
     staff.user_permissions.set(
         Permission.objects.filter(content_type__app_label="gallery", codename__in=["add_image", "view_image", "change_image"])
+        | Permission.objects.filter(content_type__app_label="tasks", codename__in=["view_admintaskrun", "run_tasks"])
     )
     plain = django_user_model.objects.create_user("browser-plain", password=PLAIN_PW)
 
@@ -378,6 +380,7 @@ def test_page_drives_kicks_without_a_worker(kick_site, shot, django_user_model):
     for name in GOOD_PHOTOS:
         image_ingest(data=(CORPUS / "photos" / name).read_bytes(), filename=name)
     staff = django_user_model.objects.create_user("kick-staff", password=STAFF_PW, is_staff=True)
+    grant(staff, "tasks.view_admintaskrun", "tasks.run_tasks")
     base = kick_site.base_url
     with sync_playwright() as pw:
         chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -421,3 +424,47 @@ def test_page_drives_kicks_without_a_worker(kick_site, shot, django_user_model):
     assert kicks, "the page never kicked"
     assert overlaps[0] == 1, "kicks overlapped"
     assert Image.objects.filter(variants_ready=True).count() == 3
+
+
+def test_view_only_user_watches_without_controls_or_kicks(kick_site, shot, django_user_model):
+    """A staff user with only tasks.view_admintaskrun sees the runs but no start/cancel/retry
+    controls, and the open page never kicks the active run (the setting says it should)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tasks import engine
+    from tests.engine_support import make_images
+
+    make_images(2)
+    run = engine.create(task_key="metadata-refresh", scope={})
+    viewer = django_user_model.objects.create_user("view-staff", password=STAFF_PW, is_staff=True)
+    grant(viewer, "tasks.view_admintaskrun")
+    base = kick_site.base_url
+    with sync_playwright() as pw:
+        chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = chromium.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(20_000)
+            js_errors: list[str] = []
+            kicks: list[str] = []
+            page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+            page.on("request", lambda request: kicks.append(request.url) if request.url.endswith("/kick") else None)
+            login(page, base, viewer.username, STAFF_PW)
+            page.wait_for_url(base + "/admin/")
+            page.goto(base + "/admin/tasks/")
+            expect(page.get_by_test_id("tasks-page")).to_have_attribute("data-can-run", "false")
+            expect(page.get_by_test_id("view-only")).to_be_visible()
+            meta = page.get_by_test_id("panel-metadata-refresh")
+            expect(meta.get_by_test_id("status")).to_have_text("queued")
+            expect(meta).to_have_attribute("data-active-run", str(run.pk))
+            expect(meta).to_have_attribute("data-live", re.compile("stream|polling"))  # following the run (SSE works)
+            expect(meta.get_by_test_id("count")).to_have_text("2")  # preview counts still work
+            for control in ("start", "cancel", "retry", "budget-items"):
+                expect(page.get_by_test_id(control)).to_have_count(0)
+            page.wait_for_timeout(1500)  # a page that kicks would have sent one at once (delay 0)
+            shot(page, "12-view-only-task-page")
+        finally:
+            chromium.close()
+    assert kicks == [], kicks
+    assert js_errors == [], js_errors
+    run.refresh_from_db()
+    assert run.status == "queued" and run.processed == 0

@@ -3,7 +3,9 @@
  * Live updates: an EventSource on runs/<id>/events ("snapshot", "progress", "status");
  * if the stream errors, poll runs/<id> every 2 s instead. When the page drives kicks
  * (PICSITE_ADMIN_PAGE_DRIVES_KICKS), it also POSTs runs/<id>/kick about every 4.5 s
- * while a run is active, one at a time. Vanilla JS, no build step.
+ * while a run is active, one at a time. A viewer without the run_tasks permission
+ * (data-can-run="false") gets no start/cancel/retry controls and never kicks.
+ * Vanilla JS, no build step.
  */
 (function () {
   "use strict";
@@ -19,6 +21,7 @@
   var root = document.querySelector("[data-testid=tasks-page]");
   if (!root) return;
   var DRIVES_KICKS = root.getAttribute("data-drives-kicks") === "true";
+  var CAN_RUN = root.getAttribute("data-can-run") === "true";
   var PAGE_TOKEN = root.getAttribute("data-csrf-token") || "";
 
   // --- helpers ----------------------------------------------------------------------
@@ -179,9 +182,11 @@
     }
     var choice = this.q("choice");
     if (choice) choice.addEventListener("change", function () { self.schedulePreview(0); });
-    this.q("start").addEventListener("click", function () { self.start(); });
-    this.q("cancel").addEventListener("click", function () { self.cancel(); });
-    this.q("retry").addEventListener("click", function () { self.retry(); });
+    if (CAN_RUN) {
+      this.q("start").addEventListener("click", function () { self.start(); });
+      this.q("cancel").addEventListener("click", function () { self.cancel(); });
+      this.q("retry").addEventListener("click", function () { self.retry(); });
+    }
     this.refreshRuns(true);
     this.schedulePreview(0);
   };
@@ -672,7 +677,7 @@
   Panel.prototype.kick = function () {
     var self = this;
     var run = this.active;
-    if (!DRIVES_KICKS || !run || !isActive(run) || this.kickInFlight) return;
+    if (!DRIVES_KICKS || !CAN_RUN || !run || !isActive(run) || this.kickInFlight) return;
     if (run.status === "paused") { this.scheduleKick(KICK_EVERY_MS); return; }
     var runId = run.id, startedAt = Date.now();
     this.kickInFlight = true;
@@ -693,6 +698,8 @@
 
   Panel.prototype.updateButtons = function () {
     var active = this.active, viewed = this.viewed;
+    this.section.setAttribute("data-active-run", active ? String(active.id) : "");
+    if (!CAN_RUN) return; // no controls rendered
     var start = this.q("start"), cancel = this.q("cancel"), retry = this.q("retry");
     start.disabled = this.busy || !!active || !this.count || this.count <= 0 || !!this.scopeError;
     start.title = active ? "Run #" + active.id + " is " + active.status : (this.count === 0 ? "Nothing in scope" : "");
@@ -701,7 +708,6 @@
     retry.disabled = this.busy || !viewed || failed <= 0 || viewed.status === "cancelling" ||
       (!!active && active.id !== viewed.id);
     retry.textContent = failed > 0 ? "Retry failed (" + failed + ")" : "Retry failed";
-    this.section.setAttribute("data-active-run", active ? String(active.id) : "");
   };
 
   Panel.prototype.withBusy = function (promise) {
