@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,7 @@ from gallery.models import Image
 from gallery.selectors import gallery_page, image_sources, variant_store_or_none
 from gallery.services import image_ingest, variant_recipe_current
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
+CORPUS = Path(os.environ.get("PICSITE_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
 BLURHASH = "LEHV6nWB2yk8pyo0adR*.7kCMdnj"
 
 
