@@ -49,6 +49,7 @@ __all__ = [
     "decode_for_variants",
     "default_encoder_threads",
     "encode_variant",
+    "encoder_problems",
     "gps_coordinates",
     "inspect_image",
     "render_tiers",
@@ -1076,6 +1077,30 @@ def encode_variant(img: Image.Image, fmt: str, recipe: VariantRecipe) -> bytes:
     else:
         raise ValueError(f"unknown variant format {fmt!r}; expected one of {FORMATS}")
     return buf.getvalue()
+
+
+@lru_cache(maxsize=1)
+def encoder_problems() -> tuple[str, ...]:
+    """One sentence per variant format this Pillow cannot encode; empty when all work.
+
+    Tries a tiny encode in each format with the real settings, once per process
+    (``encoder_problems.cache_clear()`` to ask again). A Pillow built without libavif has no
+    AVIF writer at all, which would otherwise fail every image at its encode stage.
+    """
+    probe = Image.new("RGB", (16, 16), (200, 40, 40))
+    recipe = VariantRecipe(encoder_threads=1)
+    problems = []
+    for fmt in FORMATS:
+        try:
+            if not encode_variant(probe, fmt, recipe):
+                raise ValueError("the encoder wrote nothing")
+        except Exception as exc:
+            label = "WebP" if fmt == "webp" else fmt.upper()
+            problems.append(
+                f"This Pillow ({Image.__version__}) cannot encode {label} "
+                f"({type(exc).__name__}: {exc}), so no {label} variant can be made."
+            )
+    return tuple(problems)
 
 
 def compute_blurhash(img: Image.Image) -> str:
