@@ -157,9 +157,14 @@ def image_ingest(*, data: bytes, filename: str, title: str = "", uploaded_by=Non
         with transaction.atomic(durable=True):
             image.save()
     except IntegrityError:
-        # Same bytes uploaded concurrently: the other request won; return its row.
-        _original_discard(stored_name)
-        return IngestResult(Image.objects.get(image_key=key), created=False)
+        # Same bytes uploaded concurrently: the other request won; return its row. Its
+        # original may be this very object (S3 overwrites the same key rather than renaming).
+        winner = Image.objects.filter(image_key=key).first()
+        if winner is None or winner.original.name != stored_name:
+            _original_discard(stored_name)
+        if winner is None:
+            raise  # some other constraint: not a duplicate
+        return IngestResult(winner, created=False)
     except BaseException:
         _original_discard(stored_name)  # its row did not commit
         raise

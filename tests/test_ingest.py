@@ -495,3 +495,24 @@ def test_reupload_with_original_present_writes_nothing(api_client, gallery_media
 
     assert {p: p.stat().st_mtime_ns for p in originals(gallery_media)} == before
     assert OrmQ.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_losing_a_concurrent_upload_keeps_the_winners_original(gallery_media, monkeypatch):
+    """Two requests store the same bytes under the same key (S3 overwrites rather than
+    renaming); the one whose INSERT loses must not delete the file the winner's row uses."""
+    from gallery import services
+
+    data = photo(GOOD[0]).read_bytes()
+    real_store = services._original_store
+
+    def store_while_another_request_commits(*, name, data, filename):
+        stored = real_store(name=name, data=data, filename=filename)
+        Image.objects.create(original=stored, title="winner", image_key=services.image_key_for(data))
+        return stored
+
+    monkeypatch.setattr(services, "_original_store", store_while_another_request_commits)
+    result = services.image_ingest(data=data, filename=GOOD[0])
+
+    assert (result.created, result.image.title) == (False, "winner")
+    assert (gallery_media / result.image.original.name).read_bytes() == data
