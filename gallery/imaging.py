@@ -49,6 +49,7 @@ __all__ = [
     "decode_for_variants",
     "default_encoder_threads",
     "encode_variant",
+    "encoder_problems",
     "gps_coordinates",
     "inspect_image",
     "render_tiers",
@@ -507,20 +508,28 @@ def _reject_raw_tiff(im: Image.Image) -> None:
 
 def _check_frames(im: Image.Image, kind: str, max_pixels: int) -> None:
     """Check every frame's size. GIF/PNG were walked already; WebP/AVIF frames share one
-    canvas. TIFF pages, MPO frames and HEIF images can differ, and seeking them is cheap."""
+    canvas. TIFF pages, MPO frames and HEIF images can differ, and seeking them is cheap.
+
+    Never asks for ``n_frames``: for TIFF that walks the whole IFD chain, and a small file can
+    hold tens of thousands of IFDs. Seeking one frame at a time stops at the limit."""
     if im.format not in ("TIFF", "MPO", "HEIF"):
         return
     with _decoder_errors("open", kind):
-        n_frames = getattr(im, "n_frames", 1)  # walks every TIFF IFD: can raise
-        if n_frames > _MAX_SEEK_FRAMES:
-            raise ImageRejected(
-                "too_many_pixels",
-                f"The file holds {n_frames} images; at most {_MAX_SEEK_FRAMES} are allowed.",
-            )
-        if n_frames > 1:
-            for i in range(1, n_frames):
-                im.seek(i)
-                _check_pixels(im.width, im.height, max_pixels, f"Frame {i + 1}")
+        frame = 0
+        while True:
+            try:
+                im.seek(frame + 1)
+            except EOFError:
+                break  # that was the last frame
+            frame += 1
+            if frame >= _MAX_SEEK_FRAMES:
+                raise ImageRejected(
+                    "too_many_pixels",
+                    f"The file holds more than {_MAX_SEEK_FRAMES} images; at most "
+                    f"{_MAX_SEEK_FRAMES} are allowed.",
+                )
+            _check_pixels(im.width, im.height, max_pixels, f"Frame {frame + 1}")
+        if frame:
             im.seek(0)
 
 
@@ -800,46 +809,98 @@ def _lab_transform() -> ImageCms.ImageCmsTransform:
     return ImageCms.buildTransform(lab, _SRGB, "LAB", "RGB", flags=ImageCms.Flags.NOCACHE)
 
 
-def _to_8bit_grey(img: Image.Image) -> Image.Image:
+def _grey_range(img: Image.Image) -> tuple[float, float]:
+    """The sample range of an I;16 / I / F image that maps to 0..255 (of the whole frame, so
+    that every tile of it is scaled alike)."""
+    if img.mode.startswith("I;16"):
+        return 0.0, 65535.0
+    lo, hi = img.getextrema()
+    if lo >= 0 and hi <= 255:
+        return 0.0, 255.0
+    if lo >= 0 and hi <= 65535:
+        return 0.0, 65535.0
+    return float(lo), float(max(hi, lo + 1))
+
+
+def _to_8bit_grey(img: Image.Image, value_range: tuple[float, float] | None = None) -> Image.Image:
     """I;16 / I / F -> L by scaling the real range; Pillow's convert("L") clips at 255."""
+    low, high = value_range or _grey_range(img)
     if img.mode.startswith("I;16"):
         img = img.convert("I")
-        low, high = 0.0, 65535.0
-    else:
-        lo, hi = img.getextrema()
-        if lo >= 0 and hi <= 255:
-            low, high = 0.0, 255.0
-        elif lo >= 0 and hi <= 65535:
-            low, high = 0.0, 65535.0
-        else:
-            low, high = float(lo), float(max(hi, lo + 1))
     scale = 255.0 / (high - low)
     src = img.convert("F") if img.mode != "F" else img
     # +0.5 because F -> L truncates
     return src.point(lambda v: v * scale - low * scale + 0.5).convert("L")
 
 
-def _normalise_mode(img: Image.Image) -> Image.Image:
-    """Bring any Pillow mode to one of L, LA, RGB, RGBA, CMYK."""
+_NORMAL_MODES = ("L", "LA", "RGB", "RGBA", "CMYK")
+
+
+def _is_normal(img: Image.Image) -> bool:
+    """Already in a mode _normalise_mode() returns unchanged (and that reduce() may average)."""
+    return img.mode in _NORMAL_MODES and not (
+        img.mode in ("L", "RGB") and "transparency" in img.info
+    )
+
+
+def _normalise_mode(img: Image.Image, grey_range: tuple[float, float] | None = None) -> Image.Image:
+    """Bring any Pillow mode to one of L, LA, RGB, RGBA, CMYK.
+
+    grey_range: for I;16 / I / F, the range to scale from (default: this image's own)."""
     mode = img.mode
-    transparent = "transparency" in img.info
+    if _is_normal(img):
+        return img
     if mode == "1":
         return img.convert("L")
     if mode.startswith("I") or mode == "F":
-        return _to_8bit_grey(img)
+        return _to_8bit_grey(img, grey_range)
     if mode in ("P", "PA"):
         return img.convert("RGBA" if img.has_transparency_data else "RGB")
-    if mode == "L" and transparent:
+    if mode == "L":  # with a transparent grey value
         return img.convert("LA")
-    if mode == "RGB" and transparent:
+    if mode == "RGB":  # with a transparent colour
         return img.convert("RGBA")
     if mode in ("La", "RGBa"):
         return img.convert(mode[:-1] + "A")
-    if mode in ("L", "LA", "RGB", "RGBA", "CMYK"):
-        return img
     if mode == "LAB":  # Pillow cannot convert() Lab; LittleCMS can
         return ImageCms.applyTransform(img, _lab_transform()) or img
     return img.convert("RGBA" if img.has_transparency_data else "RGB")
+
+
+# Tile side for _normalise_reduced: converting a 512x512 tile (I;16 -> I -> F -> L, four
+# copies at up to 4 B/px) takes a few MB, whatever the size of the frame.
+_TILE_SIDE = 512
+
+
+def _normalise_reduced(
+    img: Image.Image, factor: int, check: Callable[[], None] | None = None
+) -> Image.Image:
+    """``_normalise_mode(img).reduce(factor)`` without a full-size converted copy.
+
+    Palette indices, 1-bit and 16-bit samples cannot be box-averaged, so they must be
+    converted before reducing; converting the whole frame cost a 194 KB 16-bit PNG of
+    10000x10000 px +1.4 GB. Tiles are converted and reduced one at a time instead; they are
+    aligned to the reduction boxes, so the pixels equal the whole-frame route's.
+    """
+    if _is_normal(img):
+        return img.reduce(factor) if factor > 1 else img
+    grey_range = _grey_range(img) if img.mode.startswith("I") or img.mode == "F" else None
+    side = max(1, _TILE_SIDE // factor) * factor
+    width, height = img.size
+    out: Image.Image | None = None
+    for top in range(0, height, side):
+        for left in range(0, width, side):
+            tile = img.crop((left, top, min(left + side, width), min(top + side, height)))
+            part = _normalise_mode(tile, grey_range)
+            if factor > 1:
+                part = part.reduce(factor)
+            if out is None:
+                out = Image.new(part.mode, (-(-width // factor), -(-height // factor)))
+            out.paste(part, (left // factor, top // factor))
+        if check is not None:
+            check()
+    assert out is not None  # an image has at least one pixel
+    return out
 
 
 def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
@@ -912,14 +973,15 @@ def decode_for_variants(
             if im.format not in ("JPEG", "MPO"):
                 # PNG may carry eXIf after IDAT: read it only once the pixels are in.
                 orientation = _orientation_from(_safe_exif(im))
-            # Palette indices and 16-bit samples cannot be box-averaged: normalise first.
-            img = _normalise_mode(im)
             check()
-            oriented_w = img.height if orientation >= 5 else img.width
+            oriented_w = im.height if orientation >= 5 else im.width
+            factor = 1
             if target_width and oriented_w >= 4 * target_width:
                 # Cheap box reduction, keeping >= 2x the target so LANCZOS still has detail.
-                img = img.reduce(oriented_w // (2 * target_width))
-                check()
+                factor = oriented_w // (2 * target_width)
+            # Normalise the mode and reduce tile by tile: no full-size converted copy.
+            img = _normalise_reduced(im, factor, check)
+            check()
             if img is not im:
                 im.close()  # free the full-size decode before the next copy
             # Colour first (in place for RGB), then rotate: at most two full-size buffers.
@@ -1018,6 +1080,30 @@ def encode_variant(img: Image.Image, fmt: str, recipe: VariantRecipe) -> bytes:
     else:
         raise ValueError(f"unknown variant format {fmt!r}; expected one of {FORMATS}")
     return buf.getvalue()
+
+
+@lru_cache(maxsize=1)
+def encoder_problems() -> tuple[str, ...]:
+    """One sentence per variant format this Pillow cannot encode; empty when all work.
+
+    Tries a tiny encode in each format with the real settings, once per process
+    (``encoder_problems.cache_clear()`` to ask again). A Pillow built without libavif has no
+    AVIF writer at all, which would otherwise fail every image at its encode stage.
+    """
+    probe = Image.new("RGB", (16, 16), (200, 40, 40))
+    recipe = VariantRecipe(encoder_threads=1)
+    problems = []
+    for fmt in FORMATS:
+        try:
+            if not encode_variant(probe, fmt, recipe):
+                raise ValueError("the encoder wrote nothing")
+        except Exception as exc:
+            label = "WebP" if fmt == "webp" else fmt.upper()
+            problems.append(
+                f"This Pillow ({Image.__version__}) cannot encode {label} "
+                f"({type(exc).__name__}: {exc}), so no {label} variant can be made."
+            )
+    return tuple(problems)
 
 
 def compute_blurhash(img: Image.Image) -> str:

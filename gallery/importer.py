@@ -8,7 +8,6 @@ images are enqueued together.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,8 +15,6 @@ from pathlib import Path
 from typing import Literal
 
 from django.conf import settings
-from django.core.files.storage import default_storage
-from django.db import transaction
 
 from gallery.imaging import ImageRejected
 from gallery.models import Image
@@ -27,8 +24,6 @@ from gallery.services import (
     image_key_for,
     image_variants_enqueue,
 )
-
-logger = logging.getLogger(__name__)
 
 ENQUEUE_BATCH = 200
 
@@ -51,7 +46,8 @@ class IngestItem:
     image: Image | None = None
     code: str = ""
     message: str = ""
-    # New row, or a soft-deleted one brought back (its variants were deleted).
+    # New row, a soft-deleted one brought back (its variants were deleted), or one whose
+    # missing original this upload restored before its variants were made.
     needs_variants: bool = False
 
 
@@ -104,11 +100,13 @@ def ingest_one(*, source: IngestSource, uploaded_by=None) -> IngestItem:
         result = image_ingest(data=data, filename=source.name, uploaded_by=uploaded_by)
     except (ImageRejected, OriginalStorageError) as exc:
         return IngestItem(source.name, "rejected", code=exc.code, message=exc.message)
+    # A restored original lets variants that failed for want of it be made.
+    restored = result.original_restored and not result.image.variants_ready
     return IngestItem(
         source.name,
         "imported" if result.created else "duplicate",
         image=result.image,
-        needs_variants=result.created or was_deleted,
+        needs_variants=result.created or was_deleted or restored,
     )
 
 
@@ -129,31 +127,18 @@ def ingest_many(
 
 
 def ingest_uploads(*, sources: Sequence[IngestSource], uploaded_by=None) -> IngestReport:
-    """One request's files: rows all-or-nothing, then ONE enqueue call after commit.
+    """One request's files, each committed on its own, then ONE enqueue call.
 
-    Used by the API and the admin upload form.
+    A file that fails, even with an unexpected error, never undoes the files before it,
+    and those still get their variant jobs. Used by the API and the admin upload form.
     """
     report = IngestReport()
     try:
-        with transaction.atomic():
-            for source in sources:
-                report.items.append(ingest_one(source=source, uploaded_by=uploaded_by))
-            image_variants_enqueue(image_ids=report.variant_image_ids)
-    except BaseException:
-        # The rows are rolled back; do not leave their originals behind.
-        _discard_originals(report)
-        raise
+        for source in sources:
+            report.items.append(ingest_one(source=source, uploaded_by=uploaded_by))
+    finally:
+        image_variants_enqueue(image_ids=report.variant_image_ids)  # never raises
     return report
-
-
-def _discard_originals(report: IngestReport) -> None:
-    for item in report.imported:
-        if item.image is None or not item.image.original.name:
-            continue
-        try:
-            default_storage.delete(item.image.original.name)
-        except Exception:
-            logger.warning("could not remove orphaned original %s", item.image.original.name, exc_info=True)
 
 
 # --- import from the filesystem ---------------------------------------------------------

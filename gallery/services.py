@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -121,13 +122,18 @@ def image_key_for(data: bytes) -> str:
 class IngestResult:
     image: Image
     created: bool
+    # The row existed but its original file was gone; these bytes put it back.
+    original_restored: bool = False
 
 
 def image_ingest(*, data: bytes, filename: str, title: str = "", uploaded_by=None) -> IngestResult:
     """Validate by content, store the original, create the row (or return the existing one).
 
-    Raises ImageRejected (nothing is stored). Does not enqueue work: callers decide
-    (see ``image_variants_enqueue``), so a multi-file upload can enqueue in one go.
+    The row commits on its own (a durable transaction: never inside a caller's), so an
+    original is removed again only when its row did not commit. Re-sending the bytes of an
+    existing row whose original is missing puts the file back. Raises ImageRejected or
+    OriginalStorageError (nothing is stored). Does not enqueue work: callers decide (see
+    ``image_variants_enqueue``), so a multi-file upload can enqueue in one go.
     """
     if len(data) > settings.PICSITE_MAX_UPLOAD_BYTES:
         raise ImageRejected(
@@ -138,10 +144,11 @@ def image_ingest(*, data: bytes, filename: str, title: str = "", uploaded_by=Non
     key = image_key_for(data)
     existing = Image.objects.filter(image_key=key).first()
     if existing is not None:
+        restored = _original_restore_if_missing(image=existing, data=data, filename=filename)
         if existing.deleted_at is not None:  # re-upload restores a soft-deleted photo
             existing.deleted_at = None
             existing.save(update_fields=["deleted_at", "updated_at"])
-        return IngestResult(existing, created=False)
+        return IngestResult(existing, created=False, original_restored=restored)
 
     blurhash = ""
     try:
@@ -153,11 +160,7 @@ def image_ingest(*, data: bytes, filename: str, title: str = "", uploaded_by=Non
         logger.warning("blurhash failed for %s", filename, exc_info=True)
 
     safe_name = key.split("/")[-1] + "." + _extension_for(meta.mime_type)
-    try:
-        stored_name = default_storage.save(f"originals/{safe_name}", ContentFile(data))
-    except _STORAGE_FAILURES as exc:
-        logger.error("storing the original of %s failed: %s", filename, exc)
-        raise OriginalStorageError(f"The original could not be stored ({type(exc).__name__}); nothing was saved, send it again.") from exc
+    stored_name = _original_store(name=f"originals/{safe_name}", data=data, filename=filename)
     image = Image(
         original=stored_name,
         title=title or _title_from_filename(filename),
@@ -169,13 +172,52 @@ def image_ingest(*, data: bytes, filename: str, title: str = "", uploaded_by=Non
         **_metadata_fields(meta),
     )
     try:
-        with transaction.atomic():
+        with transaction.atomic(durable=True):
             image.save()
     except IntegrityError:
-        # Same bytes uploaded concurrently: the other request won; return its row.
-        default_storage.delete(stored_name)
-        return IngestResult(Image.objects.get(image_key=key), created=False)
+        # Same bytes uploaded concurrently: the other request won; return its row. Its
+        # original may be this very object (S3 overwrites the same key rather than renaming).
+        winner = Image.objects.filter(image_key=key).first()
+        if winner is None or winner.original.name != stored_name:
+            _original_discard(stored_name)
+        if winner is None:
+            raise  # some other constraint: not a duplicate
+        return IngestResult(winner, created=False)
+    except BaseException:
+        _original_discard(stored_name)  # its row did not commit
+        raise
     return IngestResult(image, created=True)
+
+
+def _original_store(*, name: str, data: bytes, filename: str) -> str:
+    try:
+        return default_storage.save(name, ContentFile(data))
+    except _STORAGE_FAILURES as exc:
+        logger.error("storing the original of %s failed: %s", filename, exc)
+        raise OriginalStorageError(f"The original could not be stored ({type(exc).__name__}); nothing was saved, send it again.") from exc
+
+
+def _original_discard(name: str) -> None:
+    try:
+        default_storage.delete(name)
+    except Exception:
+        logger.warning("could not remove the orphaned original %s", name, exc_info=True)
+
+
+def _original_restore_if_missing(*, image: Image, data: bytes, filename: str) -> bool:
+    """Same bytes, same content address: if the row's original is gone, store these."""
+    name = image.original.name
+    try:
+        if default_storage.exists(name):
+            return False
+    except _STORAGE_FAILURES as exc:
+        raise OriginalStorageError(f"The originals storage could not be checked ({type(exc).__name__}); send it again.") from exc
+    stored = _original_store(name=name, data=data, filename=filename)
+    if stored != name:  # a concurrent re-upload put it back first
+        _original_discard(stored)
+        return False
+    logger.warning("restored the missing original %s of image %s from a re-upload", name, image.pk)
+    return True
 
 
 def _metadata_fields(meta: imaging.PhotoMetadata) -> dict:
@@ -210,15 +252,24 @@ def _title_from_filename(filename: str) -> str:
 
 
 def image_variants_enqueue(*, image_ids: list[int]) -> None:
-    """After commit, enqueue one variant job per image, all in one INSERT."""
-    from picsite.queue import enqueue_many
+    """After commit, enqueue one variant job per image, all in one INSERT.
 
+    Never raises: by then the rows are committed, and a queue failure must neither fail
+    the upload nor undo it. The images stay pending (not ready, no error) for the
+    scheduled tick to pick up.
+    """
     ids = list(image_ids)
-    if not ids:
-        return
-    transaction.on_commit(
-        lambda: enqueue_many("gallery.jobs.generate_variants_job", [(i, 1) for i in ids])
-    )
+    if ids:
+        transaction.on_commit(partial(_variants_enqueue_now, ids))
+
+
+def _variants_enqueue_now(ids: list[int]) -> None:
+    from picsite import queue
+
+    try:
+        queue.enqueue_many("gallery.jobs.generate_variants_job", [(i, 1) for i in ids])
+    except Exception:
+        logger.exception("could not enqueue the variant jobs of images %s; they stay pending", ids)
 
 
 # --- original fetch ---------------------------------------------------------------------

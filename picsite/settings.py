@@ -276,6 +276,9 @@ Q_CLUSTER = {
     "ack_failures": True,
     "save_limit": 500,
     "label": "Queue",
+    # Enforce the memory bound: after each task django-q2 replaces a worker whose peak RSS
+    # (ru_maxrss, KB) reached it, so one huge image never leaves a bloated worker behind.
+    "max_rss": PICSITE_WORKER_MEMORY_MB * 1024,
     # Backfill drains run in their own cluster (Q_CLUSTER_NAME=backfill), so uploads
     # on the default cluster are never starved behind a long run.
     "ALT_CLUSTERS": {"backfill": {"workers": env_int("PICSITE_Q_BACKFILL_WORKERS", 2)}},

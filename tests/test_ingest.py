@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import call_command
 from django.core.management.base import CommandError
-from django.db import connection
+from django.db import DatabaseError, OperationalError, connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
@@ -397,3 +398,124 @@ def test_import_photos_enqueues_in_batches_of_200(gallery_media, monkeypatch):
     monkeypatch.setattr(importer, "image_variants_enqueue", lambda *, image_ids: calls.append(image_ids))
     importer.import_photos(paths=[photo(n) for n in GOOD])
     assert [len(c) for c in calls] == [2, 1]
+
+
+# --- one transaction per file; a queue failure after commit touches nothing -----------------
+
+
+def _fail_row_save_of(monkeypatch, title: str) -> None:
+    """Inserting the row titled ``title`` fails the way a lost database connection does."""
+    real_save = Image.save
+
+    def save(self, *args, **kwargs):
+        if self.pk is None and self.title == title:
+            raise DatabaseError("simulated: the database connection was lost")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "save", save)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_ingest_uploads_commits_each_file_on_its_own(gallery_media, monkeypatch):
+    from gallery.importer import IngestSource, ingest_uploads
+
+    _fail_row_save_of(monkeypatch, "pixel4a paris exif after idat")
+    sources = [IngestSource(name=n, read=photo(n).read_bytes) for n in GOOD[:2]]
+
+    with pytest.raises(DatabaseError):
+        ingest_uploads(sources=sources)
+
+    saved = Image.objects.get()  # the first file's row is committed, not rolled back
+    assert saved.title == "flower exif icc"
+    # Its original is kept; the second's, whose row never committed, is not left behind.
+    assert originals(gallery_media) == [gallery_media / saved.original.name]
+    assert saved.original.read() == photo(GOOD[0]).read_bytes()
+    # And the saved image still got its variant job.
+    assert OrmQ.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_api_upload_survives_a_queue_failure_after_commit(api_client, gallery_media, monkeypatch, caplog):
+    import picsite.queue
+
+    def broken_enqueue(*args, **kwargs):
+        raise OperationalError("simulated: the queue table is unreachable")
+
+    monkeypatch.setattr(picsite.queue, "enqueue_many", broken_enqueue)
+    with caplog.at_level(logging.ERROR):
+        response = api_client.post(API, {"file": [upload(photo(n)) for n in GOOD[:2]]})
+
+    assert response.status_code == 201, response.content
+    assert [img["created"] for img in response.json()["images"]] == [True, True]
+    images = list(Image.objects.order_by("pk"))
+    assert len(images) == 2
+    assert sorted(originals(gallery_media)) == sorted(gallery_media / i.original.name for i in images)
+    # Pending, not failed: the scheduled tick starts their variants later.
+    assert all(not i.variants_ready and i.variants_error == "" for i in images)
+    assert OrmQ.objects.count() == 0
+    assert any("enqueue" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_import_photos_survives_a_queue_failure(gallery_media, monkeypatch):
+    import picsite.queue
+    from gallery import importer
+
+    monkeypatch.setattr(picsite.queue, "enqueue_many", lambda *a, **k: 1 / 0)
+    report = importer.import_photos(paths=[photo(n) for n in GOOD[:2]])
+
+    assert [item.status for item in report.items] == ["imported", "imported"]
+    assert len(originals(gallery_media)) == 2
+    assert Image.objects.filter(variants_ready=False, variants_error="").count() == 2
+
+
+@pytest.mark.django_db
+def test_reupload_restores_a_missing_original(api_client, gallery_media, django_capture_on_commit_callbacks):
+    first = api_client.post(API, {"file": upload(photo(GOOD[0]))}).json()["images"][0]
+    image = Image.objects.get(pk=first["id"])
+    lost = gallery_media / image.original.name
+    lost.unlink()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        again = api_client.post(API, {"file": upload(photo(GOOD[0]))})
+
+    assert again.status_code == 201
+    assert again.json()["images"][0] == {**first, "created": False}
+    image.refresh_from_db()
+    assert gallery_media / image.original.name == lost  # same name, so the row is right again
+    assert lost.read_bytes() == photo(GOOD[0]).read_bytes()
+    assert originals(gallery_media) == [lost]
+    assert OrmQ.objects.count() == 1  # its variants could not be made without it: try again
+
+
+@pytest.mark.django_db
+def test_reupload_with_original_present_writes_nothing(api_client, gallery_media, django_capture_on_commit_callbacks):
+    api_client.post(API, {"file": upload(photo(GOOD[0]))})
+    before = {p: p.stat().st_mtime_ns for p in originals(gallery_media)}
+
+    with django_capture_on_commit_callbacks(execute=True):
+        api_client.post(API, {"file": upload(photo(GOOD[0]))})
+
+    assert {p: p.stat().st_mtime_ns for p in originals(gallery_media)} == before
+    assert OrmQ.objects.count() == 0
+
+
+@pytest.mark.django_db(transaction=True)
+def test_losing_a_concurrent_upload_keeps_the_winners_original(gallery_media, monkeypatch):
+    """Two requests store the same bytes under the same key (S3 overwrites rather than
+    renaming); the one whose INSERT loses must not delete the file the winner's row uses."""
+    from gallery import services
+
+    data = photo(GOOD[0]).read_bytes()
+    real_store = services._original_store
+
+    def store_while_another_request_commits(*, name, data, filename):
+        stored = real_store(name=name, data=data, filename=filename)
+        Image.objects.create(original=stored, title="winner", image_key=services.image_key_for(data))
+        return stored
+
+    monkeypatch.setattr(services, "_original_store", store_while_another_request_commits)
+    result = services.image_ingest(data=data, filename=GOOD[0])
+
+    assert (result.created, result.image.title) == (False, "winner")
+    assert (gallery_media / result.image.original.name).read_bytes() == data

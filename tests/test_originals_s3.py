@@ -77,6 +77,18 @@ def test_an_original_lost_from_the_bucket_is_a_coded_failed_item(s3_originals, s
     assert (item.state, item.last_error_stage, item.last_error_code) == (ItemState.FAILED, "fetch", "missing_original")
 
 
+def test_reupload_puts_an_original_lost_from_the_bucket_back(s3_originals, s3_client, corpus):
+    data = (corpus / PHOTO).read_bytes()
+    image = image_ingest(data=data, filename="clouds.jpg").image
+    s3_client.delete_object(Bucket=s3_originals, Key=image.original.name)
+
+    again = image_ingest(data=data, filename="clouds.jpg")
+
+    assert (again.image.pk, again.created, again.original_restored) == (image.pk, False, True)
+    assert s3_client.get_object(Bucket=s3_originals, Key=image.original.name)["Body"].read() == data
+    assert image_ingest(data=data, filename="clouds.jpg").original_restored is False  # present now
+
+
 def test_upload_to_an_unreachable_bucket_is_503_and_saves_nothing(s3_originals, settings, staff_user, corpus):
     settings.PICSITE_S3_ENDPOINT_URL = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     settings.PICSITE_S3_TIMEOUT_S = 2
