@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -31,7 +33,7 @@ from typing import Any
 
 import psycopg
 from django.conf import settings
-from django.db import IntegrityError, close_old_connections, connection, transaction
+from django.db import DatabaseError, IntegrityError, close_old_connections, connection, transaction
 from django.db.models import F, Sum
 from django.utils import timezone
 
@@ -428,9 +430,10 @@ def kick(
     """
     run = _get_run(run_id)
     defn = _definition(run.task_key)
-    owner = owner or uuid.uuid4().hex
+    owner = owner or worker_owner()
     deadline = time.monotonic() + time_budget_s if time_budget_s else None
     worker = _ItemRunner()
+    heartbeat = _Heartbeat(run_id, owner, _lease_seconds(defn))
     batches = 0
     try:
         while deadline is None or time.monotonic() < deadline:
@@ -445,9 +448,49 @@ def kick(
     except RunFatal as exc:
         _fail_run(run_id, defn, str(exc))
     finally:
+        heartbeat.stop()
         worker.close()
     _settle(run_id, defn)
     return AdminTaskRun.objects.get(pk=run_id)
+
+
+def worker_owner() -> str:
+    """A lease owner that says who holds a batch: host, process id and a random part (one
+    process may run several kicks)."""
+    return f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+class _Heartbeat:
+    """Renews this worker's batch leases every lease/6 seconds on its own thread (and its
+    own connection) for as long as the worker lives, so liveness does not depend on how long
+    an item takes and a crashed worker's batch is free within one short lease. A released
+    batch has no owner, so it is never renewed by mistake."""
+
+    def __init__(self, run_id: int, owner: str, lease_s: float):
+        self.run_id, self.owner, self.lease_s = run_id, owner, lease_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="task-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        try:
+            while not self._stop.wait(self.lease_s / 6):
+                try:
+                    with connection.cursor() as cur:
+                        cur.execute(
+                            "UPDATE tasks_admintaskbatch SET lease_expires_at = now() + make_interval(secs => %s)"
+                            " WHERE run_id = %s AND lease_owner = %s",
+                            [self.lease_s, self.run_id, self.owner],
+                        )
+                except DatabaseError:  # the next beat tries again on a fresh connection
+                    logger.warning("lease heartbeat of run %s failed", self.run_id, exc_info=True)
+                    connection.close()
+        finally:
+            connection.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _try_lock(cur, defn: TaskDefinition, run_id: int, *, wait_s: float = 5.0) -> bool:
@@ -803,7 +846,24 @@ def _work_batch(
         if deadline is not None and time.monotonic() >= deadline and not last:
             _release_batch(run_id, defn, owner, claim)  # hand the rest to the next kick at once
             return False
+        if _over_memory_bound():
+            # Recycled after this item (django-q2's max_rss replaces the process when the
+            # job returns); the rest of the batch goes to the next kick at once.
+            logger.warning("worker over PICSITE_WORKER_MEMORY_MB after an item of run %s: stopping", run_id)
+            if not last:
+                _release_batch(run_id, defn, owner, claim)
+            return False
     return True
+
+
+def _over_memory_bound() -> bool:
+    """This process's resident memory is over PICSITE_WORKER_MEMORY_MB (Linux /proc)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            resident_pages = int(fh.read().split()[1])
+    except (OSError, ValueError, IndexError):
+        return False
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") > settings.PICSITE_WORKER_MEMORY_MB * 1024 * 1024
 
 
 @dataclass
@@ -885,7 +945,7 @@ _FOLD_BATCH = {
     RETURNING {_TAKE_PENDING.format(src="")}""",
     # Stopping early: hand the rest back with an expired lease (the next kick adopts it).
     "release": f"""UPDATE tasks_admintaskbatch AS nb
-       SET lease_expires_at = now() - interval '1 second', {_ZERO_PENDING}
+       SET lease_owner = '', lease_expires_at = now() - interval '1 second', {_ZERO_PENDING}
       FROM {_LOCKED_BATCH}
      WHERE nb.id = ob.id
     RETURNING {_TAKE_PENDING.format(src="ob.")}""",

@@ -4,8 +4,8 @@
   ``drain_run_job`` N times on the *backfill* cluster, after commit;
 - ``drain_run_job`` kicks for one time slice and re-enqueues itself while the run
   is runnable, so one long run never pins a worker;
-- ``tick_all_job`` runs on a django-q2 schedule: any runnable run without a live
-  lease (its worker died) is adopted.
+- ``tick_all_job`` runs on a django-q2 schedule: a batch whose lease ran out (its worker
+  died) is adopted at once, and runs paused for a passing reason are probed.
 """
 
 from __future__ import annotations
@@ -43,16 +43,20 @@ def drain_run_job(run_id: int) -> str:
         if _has_claimable_work(run):
             enqueue_many(DRAIN_FUNC, [(run_id,)], cluster=BACKFILL_QUEUE)
             return "continued"
-        # Only retries in backoff are left: wait for the next one if it is due in this slice.
-        due = (
+        # Nothing to claim now. Wait (within this slice) for whatever comes first: a retry
+        # whose backoff ends, or the lease of another worker's batch running out (if that
+        # worker died, we adopt its batch; if it lives, its heartbeat moved the lease on).
+        waits = [
             AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING, claimed=False)
             .order_by("next_attempt_at")
             .values_list("next_attempt_at", flat=True)
-            .first()
-        )
+            .first(),
+            AdminTaskBatch.objects.filter(run=run).order_by("lease_expires_at").values_list("lease_expires_at", flat=True).first(),
+        ]
+        due = min((w for w in waits if w is not None), default=None)
         if due is None:
             return run.status
-        wait = (due - timezone.now()).total_seconds()
+        wait = (due - timezone.now()).total_seconds() + 0.05
         if time.monotonic() + wait >= slice_end:
             return "waiting"  # the scheduled tick resumes it
         time.sleep(max(wait, 0.01))
@@ -80,8 +84,11 @@ def tick_all_job() -> dict:
         )
         if run is None:
             continue
-        live = AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=timezone.now()).exists()
-        if live:
+        # Kick when a batch's lease ran out (its worker died: adopt it now, even while
+        # other workers are live) or when no worker holds the run at all.
+        batches = AdminTaskBatch.objects.filter(run=run)
+        now = timezone.now()
+        if batches.filter(lease_expires_at__gt=now).exists() and not batches.filter(lease_expires_at__lte=now).exists():
             continue
         run = engine.kick(run_id=run.pk, time_budget_s=min(settings.PICSITE_DRAIN_SLICE_S, 20))
         if run.status in RunStatus.runnable():

@@ -63,7 +63,7 @@ DEFINITION = register(
         title="Test: mark ready",
         lock_id=49001,
         batch_size=4,
-        lease_seconds=300,
+        lease_seconds=30,  # renewed by the heartbeat every 5 s while the worker lives
         scope_fields=(),
         normalize_scope=_normalize,
         scope_queryset=lambda scope: Image.objects.alive().filter(variants_ready=False),

@@ -621,6 +621,77 @@ def test_tick_kicks_oldest_runnable_run():
     assert ticked.pk == run.pk and ticked.status == RunStatus.SUCCEEDED
 
 
+# --- liveness: heartbeat, short leases, prompt adoption -------------------------------------
+
+
+def test_heartbeat_keeps_a_slow_items_batch_leased(settings, monkeypatch):
+    """Leases were renewed only at checkpoints, so liveness depended on the longest item:
+    an item longer than the lease let another worker adopt the batch mid-item."""
+    settings.PICSITE_LEASE_OVERRIDE_S = 1.0
+    monkeypatch.setenv("PICSITE_TEST_ITEM_DELAY", "3")
+    images = make_images(2)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    defn = engine._definition(TEST_TASK_KEY)
+
+    def work() -> None:
+        try:
+            engine.kick(run_id=run.pk)
+        finally:
+            connection.close()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while not Image.objects.filter(variants_attempts=1).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(2.0)  # twice the lease, mid-item, with no checkpoint in between
+    stolen = engine._claim_batch(run.pk, defn, "worker-b")
+    worker.join(60)
+    assert stolen is None
+    assert set(Image.objects.filter(pk__in=[i.pk for i in images]).values_list("variants_attempts", flat=True)) == {1}
+    assert AdminTaskRun.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED
+
+
+def test_tick_adopts_an_expired_batch_even_while_another_is_live():
+    """The scheduled tick skipped a run as long as any of its batches was live, so a dead
+    worker's batch waited for the others to finish (or for the lease of a long task)."""
+    from tasks.jobs import tick_all_job
+
+    images = make_images(8)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    defn = engine._definition(TEST_TASK_KEY)
+    engine._claim_batch(run.pk, defn, "live-worker")
+    dead = engine._claim_batch(run.pk, defn, "dead-worker")
+    AdminTaskBatch.objects.filter(pk=dead.batch_id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    tick_all_job()
+    calls = dict(Image.objects.filter(pk__in=[i.pk for i in images]).values_list("pk", "variants_attempts"))
+    assert [calls[pk] for pk in dead.item_ids] == [1, 1, 1, 1]
+
+
+def test_drain_job_adopts_a_batch_whose_lease_runs_out_within_its_slice(settings):
+    """A drain job with nothing left to claim used to return while a batch of a dead worker
+    was about to expire, leaving it to the next scheduled tick."""
+    from tasks.jobs import drain_run_job
+
+    settings.PICSITE_DRAIN_SLICE_S = 20
+    make_images(4)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    claim = engine._claim_batch(run.pk, engine._definition(TEST_TASK_KEY), "dying-worker")
+    AdminTaskBatch.objects.filter(pk=claim.batch_id).update(lease_expires_at=timezone.now() + timedelta(seconds=1))
+    assert drain_run_job(run.pk) == RunStatus.SUCCEEDED
+
+
+def test_worker_over_the_memory_bound_stops_after_its_item(settings):
+    """PICSITE_WORKER_MEMORY_MB is enforced per item: a worker over it hands its batch back
+    after the item and returns, so its process can be recycled (django-q2 max_rss)."""
+    settings.PICSITE_WORKER_MEMORY_MB = 1  # every process is over it
+    make_images(8)
+    run = engine.kick(run_id=engine.create(task_key=TEST_TASK_KEY, scope={}).pk)
+    assert run.processed == 1 and run.status == RunStatus.RUNNING
+    (batch,) = AdminTaskBatch.objects.filter(run=run)
+    assert batch.position == 1 and batch.lease_expires_at <= timezone.now()  # handed back at once
+
+
 # --- concurrency ------------------------------------------------------------------------------
 
 

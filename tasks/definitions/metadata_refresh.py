@@ -63,7 +63,7 @@ DEFINITION = register(
         title="Refresh metadata (EXIF)",
         lock_id=42011,
         batch_size=10,
-        lease_seconds=120,
+        lease_seconds=30,  # renewed by the heartbeat every 5 s while the worker lives
         scope_fields=(
             ScopeField("missing_only", "bool", "Only images with no date and no camera"),
             ScopeField("image_ids", "int_list", f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids"),

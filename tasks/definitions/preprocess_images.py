@@ -120,7 +120,7 @@ DEFINITION = register(
         title="Preprocess images (AVIF/WebP tiers)",
         lock_id=42012,
         batch_size=4,
-        lease_seconds=300,
+        lease_seconds=30,  # renewed by the heartbeat every 5 s while the worker lives
         scope_fields=(
             ScopeField("force", "bool", "All live images, regenerated even when ready"),
             ScopeField("stale", "bool", "Only images made with an older recipe"),
