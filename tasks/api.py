@@ -36,6 +36,7 @@ from psycopg.conninfo import make_conninfo
 from gallery.models import Image
 from picsite import push_sign
 from picsite.api_auth import ApiAuthError, api_error, api_user
+from picsite.push_replay import push_signature_use_record
 from tasks import engine, registry, serializers
 from tasks.jobs import start_run_drains
 from tasks.models import AdminTaskRun, RunStatus
@@ -142,18 +143,35 @@ def _signature_sent(request: HttpRequest) -> bool:
 
 
 def _push_signature_problem(request: HttpRequest) -> str | None:
-    """None if the request is signed under a configured push secret, else why not."""
+    """None if the request is signed under a configured push secret, else why not.
+
+    A good signature is used up here; a second use raises ApiAuthError (401
+    ``replayed_signature``), which no other credential on the request overrides.
+    """
     secrets = [s for s in (settings.PICSITE_PUSH_SECRET, settings.PICSITE_PUSH_SECRET_NEXT) if s]
     if not secrets:
         return "push signatures are not configured on this server"
-    return push_sign.verify(
+    timestamp = request.headers.get(push_sign.TIMESTAMP_HEADER)
+    signature_header = request.headers.get(push_sign.SIGNATURE_HEADER)
+    problem = push_sign.verify(
         secrets=secrets,
         method=request.method or "",
         path=request.path,
         body=_raw_body(request),
-        timestamp=request.headers.get(push_sign.TIMESTAMP_HEADER),
-        signature_header=request.headers.get(push_sign.SIGNATURE_HEADER),
+        timestamp=timestamp,
+        signature_header=signature_header,
     )
+    if problem is not None:
+        return problem
+    signed = push_sign.parse_headers(timestamp=timestamp, signature_header=signature_header)
+    assert isinstance(signed, push_sign.SignedHeaders)  # verify accepted them
+    if not push_signature_use_record(digest=signed.digest, timestamp=signed.timestamp):
+        raise ApiAuthError(
+            status=401,
+            code="replayed_signature",
+            message="This push signature was already used; sign every request anew.",
+        )
+    return None
 
 
 # --- request parsing -------------------------------------------------------------------------

@@ -463,7 +463,8 @@ def _task_paths(prefix: str, task_key: str) -> dict[str, Schema]:
                     "Staff (bearer token, or session + CSRF) or an HMAC-signed request: "
                     "X-Picsite-Signature = sha256=hex(HMAC-SHA256(secret, "
                     "\"{timestamp}\\n{METHOD}\\n{path}\\n\" + body)), timestamp within 300 s, secret "
-                    "PICSITE_PUSH_SECRET or PICSITE_PUSH_SECRET_NEXT. Duplicate deliveries are harmless."
+                    "PICSITE_PUSH_SECRET or PICSITE_PUSH_SECRET_NEXT; each signature is accepted once (a copy: "
+                    "401 replayed_signature). Overlapping deliveries are harmless."
                 ),
                 "security": [{"bearerAuth": []}, {"cookieAuth": []}, {}],
                 "parameters": [
