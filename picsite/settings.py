@@ -238,3 +238,11 @@ if PICSITE_MAX_UPLOAD_REQUEST_BYTES < PICSITE_MAX_UPLOAD_BYTES:
     raise ImproperlyConfigured(
         "PICSITE_MAX_UPLOAD_REQUEST_BYTES must be at least PICSITE_MAX_UPLOAD_BYTES (one file per request)."
     )
+# Event streams (GET runs/<id>/events): all streams of a process share one LISTEN
+# connection; these caps bound the streams themselves (429 too_many_streams beyond).
+PICSITE_SSE_MAX_STREAMS = env_int("PICSITE_SSE_MAX_STREAMS", 100)
+PICSITE_SSE_MAX_STREAMS_PER_USER = env_int("PICSITE_SSE_MAX_STREAMS_PER_USER", 10)
+# libpq connect_timeout for every database connection (Django's and the LISTEN one), so a
+# Postgres that does not answer fails a request in seconds instead of hanging it.
+PICSITE_DB_CONNECT_TIMEOUT_S = env_int("PICSITE_DB_CONNECT_TIMEOUT_S", 10)
+DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", PICSITE_DB_CONNECT_TIMEOUT_S)
