@@ -27,7 +27,7 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import DatabaseError, close_old_connections, connection
+from django.db import DatabaseError, InterfaceError, close_old_connections, connection
 from django.db.models import prefetch_related_objects
 from django.http import HttpRequest, HttpResponse, JsonResponse, QueryDict, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -543,7 +543,7 @@ async def _run_events(*, run_id: int, subscription: Subscription) -> AsyncIterat
                 getter = asyncio.create_task(inbox.get())
             run_done = resync = False
             for payload in received:
-                if payload == RESYNC:
+                if payload is RESYNC:
                     resync = True
                     continue
                 yield _sse(payload["event"], payload)
@@ -567,7 +567,7 @@ async def _run_events(*, run_id: int, subscription: Subscription) -> AsyncIterat
             if now >= next_keepalive:
                 yield b": keepalive\n\n"
                 next_keepalive = now + SSE_KEEPALIVE_S
-    except DatabaseError as exc:
+    except (DatabaseError, InterfaceError) as exc:  # a snapshot failed: the client reconnects
         logger.warning("event stream for run %s stopped: %s", run_id, exc)
     finally:
         if getter is not None:

@@ -260,5 +260,9 @@ def test_upload_route_has_its_own_request_cap(tmp_path, staff_user):
         assert declared.status == 413
         assert declared.sent < 8 * MB
         assert Image.objects.count() == 2
+        # The admin's upload form is an upload route too (anonymous here: refused by size first).
+        admin = stream_body(server, "POST", "/admin/gallery/image/upload/", size=HUGE, chunked=True)
+        assert admin.status == 413
+        assert admin.json()["error"]["details"]["limit_bytes"] == 8 * MB
         time.sleep(0.2)
         assert server.files_in_tmpdir() == []
