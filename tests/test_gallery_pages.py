@@ -16,8 +16,8 @@ from django.utils import timezone
 from gallery.models import Image
 from gallery.selectors import gallery_page, image_sources, variant_store_or_none
 from gallery.services import image_ingest, variant_recipe_current
+from tests.conftest import CORPUS  # honours PICSITE_CORPUS (a worktree has no ../shared)
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 BLURHASH = "LEHV6nWB2yk8pyo0adR*.7kCMdnj"
 
 
