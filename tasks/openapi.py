@@ -44,6 +44,7 @@ ERROR_RESPONSES: dict[str, str] = {
     "409": "Another run of this task is active, or the transition is not allowed in the run's state.",
     "413": "The request body is too large.",
     "422": "The scope matches nothing, or variant storage is not configured.",
+    "429": "Too many open event streams for this user or server (code too_many_streams; see Retry-After).",
     "503": "The originals storage could not store the upload (code storage_unavailable); nothing was saved.",
 }
 
@@ -455,6 +456,11 @@ def _task_paths(prefix: str, task_key: str) -> dict[str, Schema]:
                     "403": _error("403"),
                     "404": _error("404"),
                     "405": _error("405"),
+                    "429": _error("429"),
+                    "503": {
+                        "description": "Live events are unavailable (code events_unavailable): poll GET runs/{run_id}.",
+                        "content": {"application/json": {"schema": _ref("Error")}},
+                    },
                 },
             },
             **post_run_ids,
@@ -468,7 +474,8 @@ def _task_paths(prefix: str, task_key: str) -> dict[str, Schema]:
                     "Staff (bearer token, or session + CSRF) or an HMAC-signed request: "
                     "X-Picsite-Signature = sha256=hex(HMAC-SHA256(secret, "
                     "\"{timestamp}\\n{METHOD}\\n{path}\\n\" + body)), timestamp within 300 s, secret "
-                    "PICSITE_PUSH_SECRET or PICSITE_PUSH_SECRET_NEXT. Duplicate deliveries are harmless."
+                    "PICSITE_PUSH_SECRET or PICSITE_PUSH_SECRET_NEXT; each signature is accepted once (a copy: "
+                    "401 replayed_signature). Overlapping deliveries are harmless."
                 ),
                 "security": [{"bearerAuth": []}, {"cookieAuth": []}, {}],
                 "parameters": [

@@ -71,6 +71,15 @@ def live_uvicorn(*, media_root: Path, env: dict[str, str] | None = None) -> Iter
 
     The server's output goes to ``media_root.parent / "uvicorn-<port>.log"``.
     """
+    with live_uvicorn_process(media_root=media_root, env=env) as (base_url, _proc):
+        yield base_url
+
+
+@contextmanager
+def live_uvicorn_process(
+    *, media_root: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``live_uvicorn``, also yielding the server process (its pid for /proc checks)."""
     media_root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = media_root.parent / f"uvicorn-{port}.log"
@@ -85,7 +94,7 @@ def live_uvicorn(*, media_root: Path, env: dict[str, str] | None = None) -> Iter
         )
     try:
         _wait_for_port(port, proc, log)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)

@@ -546,16 +546,19 @@ def test_signature_does_not_open_other_routes(client):
 
 
 def test_duplicate_signed_delivery_is_harmless(media_root, staff_user, settings):
-    """The same signed request delivered twice at once: both 200, every item processed once."""
+    """Two signed deliveries at once (each signed anew, as a re-signing push service
+    sends them): both 200, every item processed once. A copy of an accepted delivery
+    is refused (replay store), so it cannot run anything."""
     n = 24
     real_images(n, media_root)
     api = Client(headers={"authorization": f"Bearer {api_token_create(user=staff_user, name='t')[1]}"})
     run = post_json(api, f"{META}/runs", {"scope": {}}).json()
     path = f"{META}/tick"
-    headers = sign(SECRET, "POST", path, b"")
+    now = int(time.time())
+    deliveries = [sign(SECRET, "POST", path, b"", ts=now), sign(SECRET, "POST", path, b"", ts=now - 1)]
     results: list[int] = []
 
-    def deliver() -> None:
+    def deliver(headers: dict[str, str]) -> None:
         from django.db import connection
 
         try:
@@ -563,15 +566,17 @@ def test_duplicate_signed_delivery_is_harmless(media_root, staff_user, settings)
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    threads = [threading.Thread(target=deliver, args=(headers,)) for headers in deliveries]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert results == [200, 200]
-    # A third, late copy of the same delivery is still accepted and finds nothing to do.
-    late = Client().post(path, data=b"", content_type="application/json", headers=headers)
-    assert late.json() == {"run": None}
+    # A third, late copy of one of them is refused; a fresh one finds nothing to do.
+    late = Client().post(path, data=b"", content_type="application/json", headers=deliveries[0])
+    assert_error(late, 401, "replayed_signature")
+    fresh = Client().post(path, data=b"", content_type="application/json", headers=sign(SECRET, "POST", path, b"", ts=now + 1))
+    assert fresh.json() == {"run": None}
 
     done = AdminTaskRun.objects.get(pk=run["id"])
     assert done.status == RunStatus.SUCCEEDED

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,8 +16,8 @@ from django.utils import timezone
 from gallery.models import Image
 from gallery.selectors import gallery_page, image_sources, variant_store_or_none
 from gallery.services import image_ingest, variant_recipe_current
+from tests.conftest import CORPUS  # honours PICSITE_CORPUS (a worktree has no ../shared)
 
-CORPUS = Path(os.environ.get("PICSITE_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
 BLURHASH = "LEHV6nWB2yk8pyo0adR*.7kCMdnj"
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -20,8 +19,8 @@ from django_q.models import OrmQ
 
 from gallery.models import Image
 from gallery.services import image_soft_delete
+from tests.conftest import CORPUS  # honours PICSITE_CORPUS (a worktree has no ../shared)
 
-CORPUS = Path(os.environ.get("PICSITE_CORPUS", Path(__file__).resolve().parents[2] / "shared" / "corpus"))
 BAD_FILES = sorted(p for p in (CORPUS / "bad").iterdir() if p.is_file())
 # Small, quick to decode, and different formats.
 GOOD = ["flower_exif_icc.webp", "pixel4a_paris_exif_after_idat.png", "canon_g9_clouds_2560x1600.jpg"]
