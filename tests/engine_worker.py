@@ -1,7 +1,8 @@
 """A worker process for crash and cross-process tests.
 
-``python -m tests.engine_worker kick RUN_ID`` drains a run; ``cancel RUN_ID``
-cancels it. Joins the test database named by PICSITE_DB_NAME.
+``python -m tests.engine_worker kick RUN_ID`` drains a run; ``drain RUN_ID`` runs the real
+django-q2 drain job in a loop until the run ends (what a backfill worker does); ``cancel
+RUN_ID`` cancels it. Joins the test database named by PICSITE_DB_NAME.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ def main() -> int:
     if command == "kick":
         run = engine.kick(run_id=run_id)
         print(run.status, flush=True)
+    elif command == "drain":
+        import time
+
+        from tasks.jobs import drain_run_job
+        from tasks.models import RunStatus
+
+        while (status := drain_run_job(run_id)) not in (*RunStatus.finished(), "gone"):
+            if status != "continued":
+                time.sleep(1)  # waiting on retries or on other workers: the schedule's job
+        print(status, flush=True)
     elif command == "cancel":
         print(engine.cancel(run_id=run_id).status, flush=True)
     else:

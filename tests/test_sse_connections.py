@@ -14,6 +14,7 @@ from picsite.api_auth import api_token_create
 from tasks import engine
 from tests.engine_support import make_images
 from tests.live_server import live_uvicorn
+from tests.perms import grant
 from tests.test_sse import META, EventReader, open_stream
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -51,6 +52,7 @@ def test_sixty_streams_share_one_listen_connection_and_caps_answer_429(tmp_path,
     path = f"{META}/runs/{run.pk}/events"
     alice = api_token_create(user=staff_user, name="alice")[1]
     bob_user = django_user_model.objects.create_user("bob", "bob@example.com", "pw-bob-12345", is_staff=True)
+    grant(bob_user, "tasks.view_admintaskrun")  # streams need the view permission
     bob = api_token_create(user=bob_user, name="bob")[1]
     env = {"PICSITE_SSE_MAX_STREAMS": str(TOTAL), "PICSITE_SSE_MAX_STREAMS_PER_USER": str(PER_USER)}
 

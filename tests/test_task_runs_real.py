@@ -11,7 +11,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 from django.utils import timezone
 from django_q.models import OrmQ
 from PIL import Image as PILImage
@@ -328,3 +328,48 @@ def test_deleted_image_is_not_regenerated_by_adopted_or_retry_batches(corpus, lo
     assert (doomed.variants_ready, doomed.ready_max_width) == (False, 0)
     assert list(variant_root.rglob(doomed.image_key.split("/")[-1] + "_*")) == []
     assert Image.objects.get(pk=kept.pk).variants_ready
+
+
+def test_images_whose_job_was_never_enqueued_are_picked_up_by_the_scheduled_tick(corpus, settings, local_storage, media_root, monkeypatch):
+    """A queue failure after commit leaves images pending (their originals intact); the
+    scheduled tick starts a run for images pending longer than a few minutes, so they get
+    their variants with no operator action."""
+    import picsite.queue
+
+    def queue_down(*args, **kwargs):
+        raise OperationalError("simulated: the queue table is unreachable")
+
+    monkeypatch.setattr(picsite.queue, "enqueue_many", queue_down)
+    settings.PICSITE_PENDING_RESCUE_AFTER_S = 300
+    from gallery.importer import IngestSource, ingest_uploads
+
+    paths = [corpus / rel for rel in SMALL_PHOTOS[:2]]
+    report = ingest_uploads(sources=[IngestSource(name=p.name, read=p.read_bytes, size=p.stat().st_size) for p in paths])
+    images = [item.image for item in report.imported]
+    assert len(images) == 2 and all((media_root / img.original.name).exists() for img in images)
+    monkeypatch.undo()  # the queue is back; nobody re-enqueues those two
+
+    assert tick_all_job() == {}  # too fresh: their own jobs may still come
+    Image.objects.filter(pk__in=[i.pk for i in images]).update(created_at=timezone.now() - timedelta(minutes=6))
+    tick_all_job()
+    tick_all_job()
+    assert Image.objects.filter(pk__in=[i.pk for i in images], variants_ready=True).count() == 2
+    assert all((media_root / img.original.name).exists() for img in images)
+
+
+def test_a_pillow_without_avif_fails_the_run_at_once(corpus, local_storage, monkeypatch):
+    """Without an AVIF encoder every image failed at encode, one retryable item at a time;
+    the run now fails before its first item with a clear reason."""
+    from PIL import Image as PILImageModule
+
+    ingest(corpus, SMALL_PHOTOS)
+    run = engine.create(task_key="preprocess-images", scope={})
+    monkeypatch.delitem(PILImageModule.SAVE, "AVIF")
+    imaging.encoder_problems.cache_clear()
+    try:
+        run = engine.kick(run_id=run.pk)
+    finally:
+        monkeypatch.undo()
+        imaging.encoder_problems.cache_clear()
+    assert run.status == RunStatus.FAILED and "AVIF" in run.last_error
+    assert run.processed == 0 and not AdminTaskItem.objects.filter(run=run).exists()
