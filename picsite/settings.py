@@ -250,6 +250,9 @@ PICSITE_DRAIN_PARALLELISM = env_int("PICSITE_DRAIN_PARALLELISM", 2)
 PICSITE_DRAIN_SLICE_S = env_float("PICSITE_DRAIN_SLICE_S", 50)
 PICSITE_PUSH_TICK_BUDGET_S = env_float("PICSITE_PUSH_TICK_BUDGET_S", 25)
 PICSITE_TICK_SCHEDULE_MINUTES = env_int("PICSITE_TICK_SCHEDULE_MINUTES", 1)
+# An image still without variants (and no recorded error) this long after upload lost its
+# job (say the queue failed after commit): the scheduled tick starts a "new only" run.
+PICSITE_PENDING_RESCUE_AFTER_S = env_float("PICSITE_PENDING_RESCUE_AFTER_S", 300)
 # Lease lengths may be shortened (tests, crash drills); 0 keeps each task's own.
 PICSITE_LEASE_OVERRIDE_S = env_float("PICSITE_LEASE_OVERRIDE_S", 0)
 PICSITE_PRICE_PER_1K_WRITES = env_float("PICSITE_PRICE_PER_1K_WRITES", 0)

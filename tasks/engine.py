@@ -520,6 +520,7 @@ def _claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> _Claim | None
             defn.check_available()
         except TaskUnavailable as exc:
             raise RunFatal(str(exc)) from exc
+        defn.preflight()
         now = timezone.now()
         per = _run_item_cost(run)
         reason = _budget_exhausted(run, per["seconds"], per["bytes"])

@@ -83,6 +83,8 @@ def tick_all_job() -> dict:
             .first()
         )
         if run is None:
+            run = _start_rescue_run(defn)
+        if run is None:
             continue
         # Kick when a batch's lease ran out (its worker died: adopt it now, even while
         # other workers are live) or when no worker holds the run at all.
@@ -95,6 +97,20 @@ def tick_all_job() -> dict:
             enqueue_many(DRAIN_FUNC, [(run.pk,)], cluster=BACKFILL_QUEUE)
         started[defn.key] = run.status
     return started
+
+
+def _start_rescue_run(defn: registry.TaskDefinition) -> AdminTaskRun | None:
+    """Start the definition's rescue run when items waited too long for their own work and
+    no run of the task is active (a paused or cancelling one blocks it too)."""
+    scope = defn.rescue_scope() if defn.rescue_scope else None
+    if scope is None:
+        return None
+    try:
+        run = engine.create(task_key=defn.key, scope=scope)
+    except (engine.RunAlreadyActive, engine.EmptyScope, engine.StorageNotConfigured):
+        return None
+    logger.warning("started run #%s of %s for items that waited too long: %s", run.pk, defn.key, scope)
+    return run
 
 
 def ensure_tick_schedule() -> None:

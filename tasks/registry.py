@@ -103,6 +103,12 @@ class TaskDefinition:
     # Can a run paused by an ItemFailure's ``pause_run`` reason go on? Called by the
     # scheduled and push ticks (the engine knows nothing of what it checks).
     probe: Callable[[str], bool] | None = None
+    # Raise RunFatal when no item can succeed (a missing encoder): checked at every claim,
+    # so such a run fails before its first item instead of one item at a time.
+    preflight: Callable[[], None] = field(default=lambda: None)
+    # Scope of a run the scheduled tick starts when items have waited too long for work
+    # that should have come by itself (an upload whose job was never enqueued); None: none.
+    rescue_scope: Callable[[], dict | None] | None = None
     # Scope a push tick may start a run with when none is active (None: never).
     idle_scope: dict | None = None
 

@@ -10,8 +10,13 @@ scopes skip what is already done.
 
 from __future__ import annotations
 
-from django.db.models import Q
+from datetime import timedelta
 
+from django.conf import settings
+from django.db.models import Q
+from django.utils import timezone
+
+from gallery.imaging import encoder_problems
 from gallery.models import Image
 from gallery.services import (
     STORAGE_UNAVAILABLE,
@@ -81,6 +86,21 @@ def check_available() -> None:
         raise TaskUnavailable(str(exc)) from exc
 
 
+def preflight() -> None:
+    problems = encoder_problems()
+    if problems:
+        raise RunFatal(" ".join(problems))
+
+
+def rescue_scope() -> dict | None:
+    """Images still waiting for their first variants well after upload (their job was never
+    enqueued, or the queue lost it): the scheduled tick starts a "new only" run for them."""
+    waited = timezone.now() - timedelta(seconds=settings.PICSITE_PENDING_RESCUE_AFTER_S)
+    stranded = Image.objects.alive().filter(variants_ready=False, variants_error="", created_at__lt=waited)
+    stranded = stranded.filter(Q(processing_until__isnull=True) | Q(processing_until__lt=timezone.now()))
+    return {"new_only": True} if stranded.exists() else None
+
+
 # Scopes whose images are regenerated even when their variants are current: "force"
 # (after a bucket was wiped or restored) and an explicit list of ids.
 REGENERATING_MODES = ("all", "ids")
@@ -135,6 +155,8 @@ DEFINITION = register(
         cost=CostModel(seconds_per_item=2.0, bytes_per_item=600_000, writes_per_item=16),
         check_available=check_available,
         probe=lambda reason: storages_recover(),
+        preflight=preflight,
+        rescue_scope=rescue_scope,
         idle_scope={"new_only": True},
     )
 )
