@@ -191,10 +191,13 @@ def image_ingest(*, data: bytes, filename: str, title: str = "", uploaded_by=Non
 
 def _original_store(*, name: str, data: bytes, filename: str) -> str:
     try:
-        return default_storage.save(name, ContentFile(data))
+        stored = default_storage.save(name, ContentFile(data))
     except _STORAGE_FAILURES as exc:
         logger.error("storing the original of %s failed: %s", filename, exc)
+        storage_failure_record(storage=ORIGINALS, error=str(exc))
         raise OriginalStorageError(f"The original could not be stored ({type(exc).__name__}); nothing was saved, send it again.") from exc
+    storage_success_record(storage=ORIGINALS)
+    return stored
 
 
 def _original_discard(name: str) -> None:
