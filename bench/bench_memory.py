@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     # The generated 100 MP files may be over the default 50 MB upload cap, which is not
     # what this bench is about: raise it for the ingest in this process.
     os.environ["PICSITE_MAX_UPLOAD_BYTES"] = str(512 * 1024 * 1024)
+    os.environ["PICSITE_MAX_UPLOAD_REQUEST_BYTES"] = str(512 * 1024 * 1024)  # settings require >= the file cap
     result: dict = {}
     # Started while this process is still small; each request carries the environment.
     launcher = Launcher()

@@ -18,8 +18,8 @@ from django.utils.safestring import mark_safe
 
 from gallery.importer import IngestSource, ingest_uploads
 from gallery.models import Image
-from gallery.selectors import image_thumbnail_url, variant_store_or_none
-from gallery.services import image_soft_delete, variant_recipe_current
+from gallery.selectors import VariantStores, image_thumbnail_url
+from gallery.services import image_soft_delete
 
 # --- multi-file upload form (Django docs pattern) ----------------------------------------
 
@@ -99,6 +99,7 @@ class ImageAdmin(admin.ModelAdmin):
     search_fields = ("title", "image_key", "camera_make", "camera_model", "lens")
     date_hierarchy = "created_at"
     list_per_page = 50
+    list_select_related = ("serving_set",)  # thumbnails come from each row's serving set
     actions = ("soft_delete_selected",)
     fields = (
         "preview",
@@ -179,10 +180,9 @@ class ImageAdmin(admin.ModelAdmin):
         # Resolve the variant store once per page (an S3 store builds a boto3 client),
         # not once per row, and stash each row's thumbnail URL on it.
         changelist = super().get_changelist_instance(request)
-        store = variant_store_or_none()
-        recipe = variant_recipe_current()
+        stores = VariantStores()
         for image in changelist.result_list:
-            image._thumb_url = image_thumbnail_url(image=image, store=store, recipe=recipe)
+            image._thumb_url = image_thumbnail_url(image=image, stores=stores)
         return changelist
 
     @admin.display(description="")
@@ -194,7 +194,7 @@ class ImageAdmin(admin.ModelAdmin):
 
     @admin.display(description="preview")
     def preview(self, obj: Image) -> str:
-        url = image_thumbnail_url(image=obj, store=variant_store_or_none(), recipe=variant_recipe_current())
+        url = image_thumbnail_url(image=obj, stores=VariantStores())
         if not url:
             return "no variant ready yet"
         return format_html('<img src="{}" alt="" style="max-width: 320px; height: auto">', url)

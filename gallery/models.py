@@ -46,7 +46,14 @@ class Image(models.Model):
     gps_latitude = models.FloatField(null=True, blank=True)
     gps_longitude = models.FloatField(null=True, blank=True)
 
-    # Variant state. ready_max_width always names a tier whose AVIF *and* WebP exist.
+    # The variant set the gallery serves (None: nothing yet, placeholder only). Every
+    # srcset, src, thumbnail and API URL is built from it, never from current settings.
+    serving_set = models.ForeignKey(
+        "VariantSet", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # Mirrors of the serving set, kept in the same UPDATE, for indexed scopes and filters:
+    # ready_max_width names a tier of it whose every format is stored; variants_ready is
+    # "complete"; variants_recipe its recipe version (stale when not the current one).
     variants_ready = models.BooleanField(default=False)
     ready_max_width = models.PositiveIntegerField(default=0)
     variants_recipe = models.CharField(max_length=32, blank=True)
@@ -88,6 +95,64 @@ class Image(models.Model):
     @property
     def aspect_ratio(self) -> float:
         return self.width / self.height if self.height else 1.0
+
+
+class VariantSetState(models.TextChoices):
+    """serving: advertised (tiers up to ready_max_width); candidate: built beside the serving
+    set, never advertised until it is complete and switched in; superseded: replaced, still
+    answering for cached pages until the garbage collector's grace has passed; reclaiming:
+    the collector is deleting its objects."""
+
+    CANDIDATE = "candidate", "Candidate"
+    SERVING = "serving", "Serving"
+    SUPERSEDED = "superseded", "Superseded"
+    RECLAIMING = "reclaiming", "Reclaiming"
+
+
+class VariantSet(models.Model):
+    """One immutable set of an image's variant objects, addressed by its key version.
+
+    Every object key carries ``key_version`` (a hash of what changes the bytes or the tier
+    list, and of where they live), so a new recipe, per-image parameter, storage or folder
+    is a new set and never overwrites an object a page or a CDN may hold. ``""`` is the
+    legacy set adopted from unversioned keys. The row is committed before its first object
+    is stored, so the garbage collector never mistakes a set being written for an orphan.
+    """
+
+    image = models.ForeignKey(Image, on_delete=models.CASCADE, related_name="variant_sets")
+    state = models.CharField(max_length=16, choices=VariantSetState.choices)
+    recipe_version = models.CharField(max_length=32)  # what the settings asked for
+    key_version = models.CharField(max_length=16, blank=True)  # in every key; "" = legacy
+    storage_kind = models.CharField(max_length=16)  # "local" | "s3"
+    folder = models.CharField(max_length=255, blank=True)
+    widths = models.JSONField(default=list)  # the tiers of this set, ascending
+    formats = models.JSONField(default=list)  # e.g. ["avif", "webp"]
+    # Tiers up to this width have every format stored (smallest first).
+    ready_max_width = models.PositiveIntegerField(default=0)
+    bytes = models.BigIntegerField(default=0)
+    params = models.JSONField(default=dict, blank=True)  # per-image parameters in the key version
+    created_at = models.DateTimeField(auto_now_add=True)
+    completed_at = models.DateTimeField(null=True, blank=True)
+    superseded_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["image", "key_version"], name="one_set_per_key_version")]
+        indexes = [
+            models.Index(
+                fields=["superseded_at"], name="variantset_superseded_idx", condition=Q(state="superseded")
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"set {self.key_version or 'legacy'} of image {self.image_id} ({self.state})"
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self.widths) and self.ready_max_width >= self.widths[-1]
+
+    @property
+    def ready_widths(self) -> list[int]:
+        return [w for w in self.widths if w <= self.ready_max_width]
 
 
 class StorageHealth(models.Model):

@@ -9,12 +9,12 @@ from dataclasses import dataclass
 
 from django.shortcuts import get_object_or_404
 
-from gallery.imaging import VariantRecipe
-from gallery.models import Image
+from gallery.models import Image, VariantSet, VariantSetState
 from gallery.storage import (
     VariantStorageNotConfigured,
     VariantStore,
     variant_key,
+    variant_store_for,
     variant_store_resolve,
 )
 
@@ -50,8 +50,9 @@ class PictureSources:
 
 
 def gallery_page(*, before_id: int | None, page_size: int) -> GalleryPage:
-    """Live images newest first, keyset-paged by id: one query whatever the page size."""
-    qs = Image.objects.alive().order_by("-id")
+    """Live images newest first, keyset-paged by id: one query whatever the page size
+    (each image's serving set comes in the same query)."""
+    qs = Image.objects.alive().select_related("serving_set").order_by("-id")
     if before_id is not None:
         qs = qs.filter(id__lt=before_id)
     # One extra row tells whether an older page exists without a COUNT query.
@@ -62,8 +63,28 @@ def gallery_page(*, before_id: int | None, page_size: int) -> GalleryPage:
 
 
 def image_detail(*, image_id: int) -> Image:
-    """A live image; Http404 if missing or soft-deleted."""
-    return get_object_or_404(Image.objects.alive(), pk=image_id)
+    """A live image (with its serving set); Http404 if missing or soft-deleted."""
+    return get_object_or_404(Image.objects.alive().select_related("serving_set"), pk=image_id)
+
+
+class VariantStores:
+    """The stores recorded sets live in, resolved once per (kind, folder) for a page (an S3
+    store builds a boto3 client). None for a kind that is not configured, and for every
+    kind while the pipeline is off (PICSITE_VARIANT_STORAGE=none): placeholders only."""
+
+    def __init__(self) -> None:
+        self._stores: dict[tuple[str, str], VariantStore | None] = {}
+        self._off = variant_store_or_none() is None
+
+    def get(self, kind: str, folder: str) -> VariantStore | None:
+        if self._off:
+            return None
+        if (kind, folder) not in self._stores:
+            try:
+                self._stores[(kind, folder)] = variant_store_for(kind=kind, folder=folder)
+            except VariantStorageNotConfigured:
+                self._stores[(kind, folder)] = None
+        return self._stores[(kind, folder)]
 
 
 def variant_store_or_none() -> VariantStore | None:
@@ -74,33 +95,39 @@ def variant_store_or_none() -> VariantStore | None:
         return None
 
 
-def ready_tier_widths(*, image: Image, recipe: VariantRecipe) -> list[int]:
-    """Tier widths whose AVIF and WebP both exist (``ready_max_width`` names a whole tier)."""
-    if image.ready_max_width <= 0 or image.width <= 0 or image.height <= 0:
-        return []
-    return [w for w in recipe.tier_widths(image.width) if w <= image.ready_max_width]
+def _served(image: Image, stores: VariantStores) -> tuple[VariantSet, VariantStore, list[int]] | None:
+    """The serving set, its store and its ready widths, or None when nothing can be shown."""
+    vset = image.serving_set
+    if vset is None or image.width <= 0 or image.height <= 0:
+        return None
+    store = stores.get(vset.storage_kind, vset.folder)
+    widths = vset.ready_widths
+    if store is None or not widths:
+        return None
+    return vset, store, widths
 
 
-def image_sources(
-    *,
-    image: Image,
-    store: VariantStore | None,
-    recipe: VariantRecipe,
-    sizes: str = "100vw",
-) -> PictureSources:
-    """``srcset``/``src`` for the ready tiers of ``image``; none if nothing is ready."""
+def variant_url(*, image: Image, vset: VariantSet, store: VariantStore, width: int, fmt: str) -> str:
+    key = variant_key(folder=vset.folder, image_key=image.image_key, width=width, fmt=fmt, key_version=vset.key_version)
+    return store.url(key)
+
+
+def image_sources(*, image: Image, stores: VariantStores, sizes: str = "100vw") -> PictureSources:
+    """``srcset``/``src`` for the ready tiers of the image's serving set (from that record
+    alone, never from current settings); none if nothing is ready."""
     aspect = {
         "aspect_width": image.width or 1,
         "aspect_height": image.height or 1,
         "blurhash": image.blurhash,
         "sizes": sizes,
     }
-    widths = ready_tier_widths(image=image, recipe=recipe) if store is not None else []
-    if not widths:
+    served = _served(image, stores)
+    if served is None:
         return PictureSources(**aspect)
+    vset, store, widths = served
 
     def url(width: int, fmt: str) -> str:
-        return store.url(variant_key(folder=store.folder, image_key=image.image_key, width=width, fmt=fmt))
+        return variant_url(image=image, vset=vset, store=store, width=width, fmt=fmt)
 
     largest = widths[-1]
     return PictureSources(
@@ -113,9 +140,19 @@ def image_sources(
     )
 
 
-def image_thumbnail_url(*, image: Image, store: VariantStore | None, recipe: VariantRecipe) -> str:
-    """URL of the smallest ready WebP, or "" when none is ready."""
-    widths = ready_tier_widths(image=image, recipe=recipe) if store is not None else []
-    if not widths:
+def image_thumbnail_url(*, image: Image, stores: VariantStores) -> str:
+    """URL of the smallest ready WebP of the serving set, or "" when none is ready."""
+    served = _served(image, stores)
+    if served is None:
         return ""
-    return store.url(variant_key(folder=store.folder, image_key=image.image_key, width=widths[0], fmt="webp"))
+    vset, store, widths = served
+    return variant_url(image=image, vset=vset, store=store, width=widths[0], fmt="webp")
+
+
+def image_variant_sets(*, image: Image, stores: VariantStores) -> dict:
+    """The image's serving set and its candidates, with the URLs of their ready tiers."""
+    sets = list(VariantSet.objects.filter(image=image).exclude(state=VariantSetState.RECLAIMING).order_by("-id"))
+    serving = next((s for s in sets if s.pk == image.serving_set_id), None)
+    candidates = [s for s in sets if s.state == VariantSetState.CANDIDATE]
+    superseded = [s for s in sets if s.state == VariantSetState.SUPERSEDED]
+    return {"serving": serving, "candidates": candidates, "superseded": superseded, "stores": stores}

@@ -29,13 +29,22 @@ from django.utils import timezone
 
 from gallery import imaging
 from gallery.imaging import CancelledError, ImageRejected, VariantRecipe
-from gallery.models import Image
+from gallery.models import Image, VariantSet
 from gallery.storage import VariantStorageError, VariantStore, variant_key, variant_store_resolve
 from gallery.storage_health import (
     ORIGINALS,
     VARIANTS,
     storage_failure_record,
     storage_success_record,
+)
+from gallery.variant_sets import (
+    ClaimLost,
+    SetBusy,
+    variant_key_version,
+    variant_set_complete,
+    variant_set_delete_objects,
+    variant_set_target,
+    variant_set_tier_stored,
 )
 
 logger = logging.getLogger(__name__)
@@ -405,15 +414,12 @@ def _generate(
     image.refresh_from_db()
     if image.deleted_at is not None:
         raise ImageGone(f"image {image.pk} is deleted")
-    version = recipe.version
-    if image.variants_ready and image.variants_recipe == version and not force:
+    key_version = variant_key_version(recipe_version=recipe.version, storage_kind=storage.kind, folder=storage.folder)
+    serving = image.serving_set
+    if serving is not None and serving.key_version == key_version and serving.is_complete and not force:
         return VariantOutcome(image.pk, image.ready_max_width, True, skipped=True)
-    # Tiers made with this recipe survive a failure; another recipe starts over.
-    resume_from = image.ready_max_width if (image.variants_recipe == version and not force) else 0
-    if image.variants_recipe != version or force:
-        _claimed_update(image.pk, token, variants_recipe=version, variants_ready=False, ready_max_width=0)
-        image.variants_recipe, image.variants_ready, image.ready_max_width = version, False, 0
-
+    # Nothing changes for readers until a tier of the target set is stored: the serving set
+    # stays served while a candidate is built beside it.
     try:
         data = image_fetch_original(image=image, cancel=cancel)
     except OriginalFetchError as exc:
@@ -423,12 +429,32 @@ def _generate(
         meta = imaging.inspect_image(data, max_pixels=settings.PICSITE_MAX_PIXELS)
     except ImageRejected as exc:
         raise VariantGenerationError(stage="decode", code=exc.code, message=exc.message) from exc
+    with _set_writes(image.pk):
+        target = variant_set_target(
+            image=image,
+            token=token,
+            recipe_version=recipe.version,
+            key_version=key_version,
+            storage=storage,
+            widths=recipe.tier_widths(meta.width),
+        )
     with _low_memory_slot(data, meta, cancel) as low_memory:
         if low_memory:
             recipe = replace(recipe, encoder_threads=1)
         return _encode_and_store(
-            image, data, meta, token=token, storage=storage, cancel=cancel, recipe=recipe, resume_from=resume_from
+            image, data, meta, token=token, target=target, storage=storage, cancel=cancel, recipe=recipe, force=force
         )
+
+
+@contextmanager
+def _set_writes(image_id: int) -> Iterator[None]:
+    """Map variant-set refusals to this module's: a lost claim or a delete, a busy set."""
+    try:
+        yield
+    except ClaimLost:
+        raise _claim_lost(image_id) from None
+    except SetBusy as exc:
+        raise ImageBusy(str(exc)) from exc
 
 
 def _is_large_progressive_jpeg(data: bytes) -> bool:
@@ -478,12 +504,13 @@ def _encode_and_store(
     meta: imaging.PhotoMetadata,
     *,
     token: str,
+    target: VariantSet,
     storage: VariantStore,
     cancel: CancelCheck,
     recipe: VariantRecipe,
-    resume_from: int,
+    force: bool,
 ) -> VariantOutcome:
-    widths = recipe.tier_widths(meta.width)
+    widths = target.widths
     try:
         source = imaging.decode_for_variants(
             data, max_pixels=settings.PICSITE_MAX_PIXELS, target_width=widths[-1], cancel=cancel
@@ -492,10 +519,13 @@ def _encode_and_store(
         raise VariantGenerationError(stage="decode", code=exc.code, message=exc.message) from exc
     del data
 
-    outcome = VariantOutcome(image.pk, resume_from, False)
+    # A forced run repairs the target from its first tier (put-if-absent writes only what
+    # is missing); otherwise a retry resumes after the target's last complete tier.
+    outcome = VariantOutcome(image.pk, 0 if force else target.ready_max_width, False)
     written: list[str] = []
     try:
-        _store_tiers(image, source, meta, widths, token=token, storage=storage, cancel=cancel, recipe=recipe, outcome=outcome, written=written)
+        with _set_writes(image.pk):
+            _store_tiers(image, source, meta, token=token, target=target, storage=storage, cancel=cancel, recipe=recipe, outcome=outcome, written=written)
     except ImageGone:
         # Deleted while we worked: the delete removed what existed then; remove what we
         # stored since, so nothing of the photo stays public.
@@ -509,9 +539,9 @@ def _store_tiers(
     image: Image,
     source,
     meta: imaging.PhotoMetadata,
-    widths: list[int],
     *,
     token: str,
+    target: VariantSet,
     storage: VariantStore,
     cancel: CancelCheck,
     recipe: VariantRecipe,
@@ -519,7 +549,7 @@ def _store_tiers(
     written: list[str],
 ) -> None:
     blurhash = image.blurhash
-    tiers = imaging.render_tiers(source, widths)
+    tiers = imaging.render_tiers(source, target.widths)
     del source  # the generator holds what it needs; free the full decode early
     for width, tier in tiers:
         cancel()
@@ -529,16 +559,16 @@ def _store_tiers(
         if width <= outcome.ready_max_width:
             continue
         tier_bytes = 0
-        for fmt in imaging.FORMATS:
+        for fmt in target.formats:
             cancel()
             try:
                 payload = imaging.encode_variant(tier, fmt, recipe)
             except Exception as exc:
                 raise VariantGenerationError(stage="encode", code="variant_generation_failed", message=f"{fmt} {width}px: {exc}") from exc
             cancel()
-            key = variant_key(folder=storage.folder, image_key=image.image_key, width=width, fmt=fmt)
+            key = variant_key(folder=target.folder, image_key=image.image_key, width=width, fmt=fmt, key_version=target.key_version)
             try:
-                storage.put(key, payload, imaging.CONTENT_TYPES[fmt])
+                stored = storage.put(key, payload, imaging.CONTENT_TYPES[fmt])
             except VariantStorageError as exc:
                 down = storage_failure_record(storage=VARIANTS, error=str(exc))
                 code = STORAGE_UNAVAILABLE if down else "variant_upload_failed"
@@ -546,21 +576,17 @@ def _store_tiers(
             if not written:
                 storage_success_record(storage=VARIANTS)
             written.append(key)
-            tier_bytes += len(payload)
-            outcome.objects_written += 1
-        # Both formats of this tier are stored: only now advertise it.
-        _claimed_update(
-            image.pk, token,
-            ready_max_width=width, width=meta.width, height=meta.height, variants_bytes=_f_add("variants_bytes", tier_bytes),
-        )  # fmt: skip
+            if stored is not False:  # False: these very bytes were there already
+                tier_bytes += len(payload)
+                outcome.objects_written += 1
+        # Every format of this tier is stored: only now may the set advertise it.
+        variant_set_tier_stored(vset=target, token=token, width=width, tier_bytes=tier_bytes)
         outcome.ready_max_width = width
         outcome.tiers_written.append(width)
         outcome.bytes_written += tier_bytes
 
-    _claimed_update(
-        image.pk, token, variants_ready=True, variants_error="", ready_max_width=widths[-1], width=meta.width, height=meta.height
-    )
-    outcome.ready_max_width = widths[-1]
+    variant_set_complete(vset=target, token=token, width=meta.width, height=meta.height)
+    outcome.ready_max_width = target.widths[-1]
     outcome.variants_ready = True
 
 
@@ -613,20 +639,20 @@ def image_refresh_metadata(*, image: Image, cancel: CancelCheck = _no_cancel) ->
 
 
 def image_soft_delete(*, image: Image) -> None:
-    """Hide the photo and remove its variants (they can be regenerated on restore)."""
-    Image.objects.filter(pk=image.pk).update(
-        deleted_at=timezone.now(), variants_ready=False, ready_max_width=0, variants_recipe=""
-    )
-    try:
-        storage = variant_store_resolve()
-    except Exception:
-        return
-    recipe = variant_recipe_current()
-    # A worker generating the image right now finds it deleted at its next write and
-    # removes what it stored after this point itself (ImageGone).
-    for width in recipe.tier_widths(max(image.width, 1)):
-        for fmt in imaging.FORMATS:
-            _delete_quietly(storage, variant_key(folder=storage.folder, image_key=image.image_key, width=width, fmt=fmt))
+    """Hide the photo and remove every variant set it has, at once: nothing of it stays
+    public. The original and the row stay until the collector purges them after its grace
+    (a re-upload of the same bytes restores the photo meanwhile)."""
+    with transaction.atomic():
+        Image.objects.filter(pk=image.pk).update(
+            deleted_at=timezone.now(), serving_set=None, variants_ready=False, ready_max_width=0, variants_recipe=""
+        )
+        sets = list(VariantSet.objects.filter(image_id=image.pk).select_related("image"))
+        # The rows go with the delete; objects a failed delete leaves behind are orphans
+        # (no set names them), which the collector's sweep removes. A worker generating the
+        # image right now finds it deleted at its next write and removes what it stored.
+        VariantSet.objects.filter(image_id=image.pk).delete()
+    for vset in sets:
+        variant_set_delete_objects(vset)
 
 
 __all__ = [

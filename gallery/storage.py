@@ -7,6 +7,7 @@ is seen by a running worker at its next item.
 from __future__ import annotations
 
 import mimetypes
+import re
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -49,14 +50,49 @@ def _probe_key(folder: str) -> str:
     return f"{folder.strip('/')}/{PROBE_NAME}" if folder.strip("/") else PROBE_NAME
 
 
-def variant_key(*, folder: str, image_key: str, width: int, fmt: str) -> str:
-    """Object key ``{folder}/{image_key}_{width}.{fmt}``.
+def variant_key(*, folder: str, image_key: str, width: int, fmt: str, key_version: str = "") -> str:
+    """Object key of one tier of one variant set.
 
-    ``image_key`` already starts with ``variants/``; the folder namespaces a bucket
-    shared with other apps (empty folder = bucket root).
+    Versioned sets: ``{folder}/variants/{hh}/{hash}_{key_version}_{width}.{fmt}`` (``hh``, the
+    hash's first two hex digits, shards a directory and the collector's sweep). The legacy
+    set (``key_version`` ""): ``{folder}/{image_key}_{width}.{fmt}``. ``image_key`` is
+    ``variants/<32 hex>``; the folder namespaces a bucket shared with other apps (empty
+    folder = bucket root).
     """
-    name = f"{image_key}_{width}.{fmt}"
+    if key_version:
+        digest = image_key.removeprefix("variants/")
+        name = f"variants/{digest[:2]}/{digest}_{key_version}_{width}.{fmt}"
+    else:
+        name = f"{image_key}_{width}.{fmt}"
     return f"{folder.strip('/')}/{name}" if folder.strip("/") else name
+
+
+# Our keys under a folder, versioned or legacy (anything else in a shared bucket is not ours).
+VARIANT_KEY_PATTERN = re.compile(
+    r"^variants/(?:(?P<shard>[0-9a-f]{2})/)?(?P<digest>[0-9a-f]{32})"
+    r"(?:_(?P<key_version>[0-9a-f]{12}))?_(?P<width>[1-9][0-9]{0,5})\.(?P<fmt>avif|webp)$"
+)
+
+
+def variant_key_parse(*, folder: str, key: str) -> dict | None:
+    """The parts of one of our keys (digest, key_version, width, fmt), or None if the key
+    is not one of ours (outside the folder, or not our pattern, or a shard that does not
+    match its digest)."""
+    prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+    if not key.startswith(prefix):
+        return None
+    match = VARIANT_KEY_PATTERN.match(key[len(prefix) :])
+    if match is None:
+        return None
+    parts = match.groupdict()
+    if bool(parts["shard"]) != bool(parts["key_version"]) or (parts["shard"] and parts["shard"] != parts["digest"][:2]):
+        return None
+    return {
+        "digest": parts["digest"],
+        "key_version": parts["key_version"] or "",
+        "width": int(parts["width"]),
+        "fmt": parts["fmt"],
+    }
 
 
 @dataclass
@@ -150,8 +186,13 @@ class S3VariantStore:
 
 def variant_store_resolve() -> VariantStore:
     """The configured variant store, or VariantStorageNotConfigured with the reason."""
-    kind = (settings.PICSITE_VARIANT_STORAGE or "").strip().lower()
-    folder = settings.PICSITE_VARIANT_FOLDER
+    return variant_store_for(kind=settings.PICSITE_VARIANT_STORAGE, folder=settings.PICSITE_VARIANT_FOLDER)
+
+
+def variant_store_for(*, kind: str, folder: str) -> VariantStore:
+    """The store of ``kind`` ("local" or "s3", configured from settings) under ``folder``:
+    where a recorded variant set lives, which may differ from where new sets go."""
+    kind = (kind or "").strip().lower()
     if kind == "local":
         return LocalVariantStore(
             root=str(settings.PICSITE_VARIANT_LOCAL_ROOT),

@@ -8,8 +8,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from gallery.models import Image
-from gallery.selectors import gallery_page, image_detail, image_sources, variant_store_or_none
-from gallery.services import variant_recipe_current
+from gallery.selectors import VariantStores, gallery_page, image_detail, image_sources
 
 GRID_PAGE_SIZE = 48
 # Grid rows are about this tall (site.css: .grid li flex-basis), so a tile is about
@@ -19,12 +18,11 @@ GRID_ROW_PX = 240
 
 def grid(request: HttpRequest) -> HttpResponse:
     page = gallery_page(before_id=_positive_int(request.GET.get("before")), page_size=GRID_PAGE_SIZE)
-    store = variant_store_or_none()
-    recipe = variant_recipe_current()
+    stores = VariantStores()
     tiles = [
         {
             "image": image,
-            "pic": image_sources(image=image, store=store, recipe=recipe, sizes=_grid_sizes(image)),
+            "pic": image_sources(image=image, stores=stores, sizes=_grid_sizes(image)),
             "aspect": round(_aspect(image), 4),
         }
         for image in page.images
@@ -34,12 +32,7 @@ def grid(request: HttpRequest) -> HttpResponse:
 
 def detail(request: HttpRequest, image_id: int) -> HttpResponse:
     image = image_detail(image_id=image_id)
-    pic = image_sources(
-        image=image,
-        store=variant_store_or_none(),
-        recipe=variant_recipe_current(),
-        sizes="(max-width: 1280px) 100vw, 1280px",
-    )
+    pic = image_sources(image=image, stores=VariantStores(), sizes="(max-width: 1280px) 100vw, 1280px")
     context = {
         "image": image,
         "pic": pic,

@@ -325,15 +325,11 @@ def _thumbnails(*, task_key: str, item_ids: list[int]) -> dict[int, str | None]:
     """Smallest ready WebP of each item that is a gallery Image with variants."""
     if not item_ids or registry.get(task_key).item_queryset().model is not Image:
         return {}
-    from gallery.selectors import image_thumbnail_url, variant_store_or_none
-    from gallery.services import variant_recipe_current
+    from gallery.selectors import VariantStores, image_thumbnail_url
 
-    store = variant_store_or_none()
-    if store is None:
-        return {}
-    recipe = variant_recipe_current()
-    images = Image.objects.filter(pk__in=item_ids, ready_max_width__gt=0)
-    return {image.pk: image_thumbnail_url(image=image, store=store, recipe=recipe) or None for image in images}
+    stores = VariantStores()
+    images = Image.objects.filter(pk__in=item_ids, ready_max_width__gt=0).select_related("serving_set")
+    return {image.pk: image_thumbnail_url(image=image, stores=stores) or None for image in images}
 
 
 def _run_json(run: AdminTaskRun, *, status: int = 200) -> JsonResponse:

@@ -30,6 +30,7 @@ from picsite.push_sign import sign
 from tasks.models import AdminTaskItem, AdminTaskRun, ItemState, RunStatus
 from tests.engine_support import make_images
 from tests.live_server import server_env
+from tests.variants_support import serve_set
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -212,7 +213,7 @@ def test_cancel_then_cancel_again_is_409(api):
 def test_failed_items_thumbnails_and_retry_failed(api, media_root):
     # No original files: every item fails at fetch (one attempt each in these tests).
     images = make_images(3)
-    Image.objects.filter(pk=images[0].pk).update(ready_max_width=480, variants_ready=True)
+    serve_set(images[0], ready_max_width=480)
     run = post_json(api, f"{META}/runs", {"scope": {}}).json()
     kicked = api.post(f"{META}/runs/{run['id']}/kick").json()
     assert kicked["status"] == "succeeded"

@@ -23,7 +23,7 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from gallery.models import Image
+from gallery.models import Image, VariantSet
 from tasks.models import AdminTaskRun, RunStatus
 from tests.live_processes import LiveSite, start_site
 from tests.perms import grant
@@ -187,7 +187,10 @@ def test_admin_tasks_end_to_end(site, browser, shot, django_user_model, settings
         site=site,
     )
     photo_ids = sorted(Image.objects.values_list("pk", flat=True))
-    Image.objects.filter(pk__in=photo_ids).update(variants_ready=False, ready_max_width=0, variants_recipe="", variants_bytes=0)
+    Image.objects.filter(pk__in=photo_ids).update(
+        serving_set=None, variants_ready=False, ready_max_width=0, variants_recipe="", variants_bytes=0
+    )
+    VariantSet.objects.filter(image_id__in=photo_ids).delete()
     # Two originals that never went through ingest: they fail to decode in the backfill.
     media_root = Path(settings.MEDIA_ROOT)  # the site's media root (set by the fixture)
     (media_root / "originals").mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,8 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from gallery.models import Image
-from gallery.selectors import gallery_page, image_sources, variant_store_or_none
+from gallery.models import Image, VariantSet
+from gallery.selectors import VariantStores, gallery_page, image_sources
 from gallery.services import image_ingest, variant_recipe_current
 from tests.conftest import CORPUS  # honours PICSITE_CORPUS (a worktree has no ../shared)
 
@@ -41,8 +41,13 @@ def gallery_media(settings, tmp_path) -> Path:
 _serial = iter(range(1, 1_000_000))
 
 
-def make_image(*, ready_max_width: int = 800, width: int = 4000, height: int = 3000, **fields) -> Image:
+def make_image(
+    *, ready_max_width: int = 800, width: int = 4000, height: int = 3000, key_version: str = "", **fields
+) -> Image:
+    """A row serving a (legacy, unless ``key_version``) variant set of the current ladder,
+    ready up to ``ready_max_width`` (no set at all when 0)."""
     n = next(_serial)
+    recipe = variant_recipe_current()
     defaults = {
         "original": f"originals/2026/01/photo{n}.jpg",
         "title": f"Photo {n}",
@@ -52,8 +57,17 @@ def make_image(*, ready_max_width: int = 800, width: int = 4000, height: int = 3
         "blurhash": BLURHASH,
         "ready_max_width": ready_max_width,
         "variants_ready": ready_max_width > 0,
+        "variants_recipe": recipe.version if ready_max_width else "",
     }
-    return Image.objects.create(**{**defaults, **fields})
+    image = Image.objects.create(**{**defaults, **fields})
+    if ready_max_width:
+        image.serving_set = VariantSet.objects.create(
+            image=image, state="serving", recipe_version=recipe.version, key_version=key_version,
+            storage_kind="local", folder="gallery", widths=recipe.tier_widths(width), formats=["avif", "webp"],
+            ready_max_width=ready_max_width,
+        )  # fmt: skip
+        image.save(update_fields=["serving_set"])
+    return image
 
 
 def pictures(html: str) -> list[str]:
@@ -205,7 +219,7 @@ def test_grid_query_count_does_not_grow_with_page(client, gallery_media):
 @pytest.mark.django_db
 def test_image_sources_tiny_image_has_its_own_width_tier(gallery_media):
     image = make_image(width=200, height=100, ready_max_width=200)
-    pic = image_sources(image=image, store=variant_store_or_none(), recipe=variant_recipe_current())
+    pic = image_sources(image=image, stores=VariantStores())
     assert pic.avif_srcset == f"/media/v/gallery/{image.image_key}_200.avif 200w"
     assert (pic.width, pic.height) == (200, 100)
 
@@ -213,7 +227,7 @@ def test_image_sources_tiny_image_has_its_own_width_tier(gallery_media):
 @pytest.mark.django_db
 def test_image_sources_full_ladder(gallery_media):
     image = make_image(width=3000, height=2000, ready_max_width=2560)
-    pic = image_sources(image=image, store=variant_store_or_none(), recipe=variant_recipe_current(), sizes="50vw")
+    pic = image_sources(image=image, stores=VariantStores(), sizes="50vw")
     assert srcset_widths(f'<source type="image/webp" srcset="{pic.webp_srcset}"', "webp") == [
         320, 480, 640, 800, 1080, 1280, 1920, 2560
     ]
@@ -222,10 +236,26 @@ def test_image_sources_full_ladder(gallery_media):
 
 
 @pytest.mark.django_db
-def test_image_sources_none_without_store(gallery_media):
+def test_image_sources_none_without_store(gallery_media, settings):
     image = make_image(ready_max_width=800)
-    pic = image_sources(image=image, store=None, recipe=variant_recipe_current())
+    settings.PICSITE_VARIANT_STORAGE = "none"
+    pic = image_sources(image=image, stores=VariantStores())
     assert not pic.has_sources and pic.blurhash == BLURHASH
+
+
+@pytest.mark.django_db
+def test_srcset_comes_from_the_serving_set_not_from_settings(client, gallery_media, settings):
+    """A ladder change must not advertise tiers the image's set does not have: the grid
+    used to apply the current ladder to the old ready_max_width."""
+    image = make_image(width=3000, height=2000, ready_max_width=2560, key_version="0123456789ab")
+    settings.PICSITE_VARIANT_WIDTHS = [320, 480, 640, 800, 960, 1280, 1920, 2560]  # add 960, drop 1080
+    settings.PICSITE_AVIF_QUALITY = 40  # and a quality change: a new recipe version
+    html = client.get("/").content.decode()
+    [picture] = pictures(html)
+    assert srcset_widths(picture, "avif") == [320, 480, 640, 800, 1080, 1280, 1920, 2560]
+    digest = image.image_key.removeprefix("variants/")
+    assert f"/media/v/gallery/variants/{digest[:2]}/{digest}_0123456789ab_1080.avif 1080w" in picture
+    assert "_960." not in html
 
 
 # --- detail ---------------------------------------------------------------------------------

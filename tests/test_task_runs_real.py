@@ -25,11 +25,11 @@ from gallery.services import (
     image_soft_delete,
     variant_recipe_current,
 )
-from gallery.storage import variant_key
 from tasks import engine
 from tasks.jobs import drain_run_job, tick_all_job
 from tasks.models import AdminTaskBatch, AdminTaskItem, ItemState, RunStatus
 from tests.fault_proxy import FaultProxy
+from tests.variants_support import served_key, served_keys
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -93,7 +93,6 @@ def test_bad_files_in_library_fail_alone_and_run_succeeds(corpus, local_storage,
 
 def test_s3_faults_are_retried_and_invariant_holds_throughout(corpus, settings, s3_storage, s3_client, s3_bucket, moto_server):
     images = ingest(corpus, SMALL_PHOTOS)
-    recipe = variant_recipe_current()
     violations: list[str] = []
     stop = threading.Event()
 
@@ -101,15 +100,11 @@ def test_s3_faults_are_retried_and_invariant_holds_throughout(corpus, settings, 
         # Every moment: each advertised tier has both objects in the bucket.
         try:
             while not stop.is_set():
-                for img in Image.objects.filter(pk__in=[i.pk for i in images]):
-                    for w in recipe.tier_widths(img.width):
-                        if w > img.ready_max_width:
-                            break
-                        for fmt in imaging.FORMATS:
-                            key = variant_key(folder=s3_storage.folder, image_key=img.image_key, width=w, fmt=fmt)
-                            listing = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=key)
-                            if listing.get("KeyCount", 0) == 0:
-                                violations.append(f"{img.pk}: {key} advertised but missing")
+                for img in images:
+                    for key in served_keys(img):
+                        listing = s3_client.list_objects_v2(Bucket=s3_bucket, Prefix=key)
+                        if listing.get("KeyCount", 0) == 0:
+                            violations.append(f"{img.pk}: {key} advertised but missing")
                 time.sleep(0.05)
         finally:
             connection.close()
@@ -266,7 +261,7 @@ def test_force_and_explicit_ids_regenerate_current_variants(corpus, local_storag
     assert image.variants_ready
     # The bucket lost an object: the default scope sees nothing to do...
     widths = variant_recipe_current().tier_widths(image.width)
-    lost = variant_key(folder=local_storage.folder, image_key=image.image_key, width=widths[-1], fmt="avif")
+    lost = served_key(image, width=widths[-1], fmt="avif")
     local_storage.delete(lost)
     assert not local_storage.exists(lost)
     with pytest.raises(engine.EmptyScope):

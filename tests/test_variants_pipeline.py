@@ -19,9 +19,9 @@ from gallery.storage import (
     CACHE_CONTROL,
     VariantStorageError,
     VariantStorageNotConfigured,
-    variant_key,
     variant_store_resolve,
 )
+from tests.variants_support import served_key, served_keys
 
 pytestmark = pytest.mark.django_db
 
@@ -57,15 +57,13 @@ def _ingest(corpus, rel: str) -> Image:
 
 
 def _assert_invariant(image: Image, store) -> None:
-    """Both objects of every tier up to ready_max_width exist."""
+    """Both objects of every tier the serving set advertises (up to ready_max_width) exist."""
     image.refresh_from_db()
+    keys = served_keys(image)
+    assert len(keys) == 2 * len([w for w in (image.serving_set.widths if image.serving_set else []) if w <= image.ready_max_width])
+    for key in keys:
+        assert store.exists(key), f"ready_max_width={image.ready_max_width} but {key} is missing"
     widths = variant_recipe_current().tier_widths(image.width)
-    for w in widths:
-        if w > image.ready_max_width:
-            break
-        for fmt in imaging.FORMATS:
-            key = variant_key(folder=store.folder, image_key=image.image_key, width=w, fmt=fmt)
-            assert store.exists(key), f"ready_max_width={image.ready_max_width} but {key} is missing"
     assert image.ready_max_width == 0 or image.ready_max_width in widths
 
 
@@ -102,7 +100,7 @@ def test_variant_objects_are_correct_and_idempotent(corpus, store):
     outcome = preprocess_image(image, store)
     assert outcome.tiers_written == [320, 480, 640, 800, 1080, 1280]
     assert preprocess_image(image, store).skipped  # already ready with this recipe
-    again = preprocess_image(image, store, force=True)  # storing again overwrites in place
+    again = preprocess_image(image, store, force=True)  # a repair: every tier checked again
     assert again.tiers_written == outcome.tiers_written
     _assert_invariant(image, store)
 
@@ -111,7 +109,7 @@ def test_s3_objects_carry_type_and_cache_headers(corpus, s3_storage, s3_client, 
     image = _ingest(corpus, "photos/flower_exif_icc.webp")  # 300 px: one tier at its own width
     preprocess_image(image, s3_storage)
     for fmt, ctype in imaging.CONTENT_TYPES.items():
-        key = variant_key(folder=s3_storage.folder, image_key=image.image_key, width=300, fmt=fmt)
+        key = served_key(image, width=300, fmt=fmt)
         head = s3_client.head_object(Bucket=s3_bucket, Key=key)
         assert head["ContentType"] == ctype
         assert head["CacheControl"] == CACHE_CONTROL
