@@ -523,9 +523,11 @@ def _encode_and_store(
     # is missing); otherwise a retry resumes after the target's last complete tier.
     outcome = VariantOutcome(image.pk, 0 if force else target.ready_max_width, False)
     written: list[str] = []
+    tiers = imaging.render_tiers(source, target.widths)
+    del source  # only the generator holds the full decode now: it is freed once tiers exist
     try:
         with _set_writes(image.pk):
-            _store_tiers(image, source, meta, token=token, target=target, storage=storage, cancel=cancel, recipe=recipe, outcome=outcome, written=written)
+            _store_tiers(image, tiers, meta, token=token, target=target, storage=storage, cancel=cancel, recipe=recipe, outcome=outcome, written=written)
     except ImageGone:
         # Deleted while we worked: the delete removed what existed then; remove what we
         # stored since, so nothing of the photo stays public.
@@ -537,7 +539,7 @@ def _encode_and_store(
 
 def _store_tiers(
     image: Image,
-    source,
+    tiers: Iterator,
     meta: imaging.PhotoMetadata,
     *,
     token: str,
@@ -549,8 +551,6 @@ def _store_tiers(
     written: list[str],
 ) -> None:
     blurhash = image.blurhash
-    tiers = imaging.render_tiers(source, target.widths)
-    del source  # the generator holds what it needs; free the full decode early
     for width, tier in tiers:
         cancel()
         if not blurhash:
