@@ -1,6 +1,7 @@
 """The variant store layer against real storage (local disk, moto S3 over HTTP):
 put-if-absent (a key holds one content forever), listing, batch delete, the integrity
-audit of refusals."""
+audit log, and the determinism that put-if-absent relies on (stored bytes never depend on
+the encoder thread count or the low-memory path)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import hashlib
 import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from gallery import imaging
 from gallery.storage import (
     CACHE_CONTROL,
     LocalVariantStore,
@@ -260,3 +262,56 @@ def test_local_delete_many_reports_keys_it_cannot_delete(local_storage):
     assert deleted == 1
     assert [key for key, _ in errors] == [shard]
     assert [o.key for o in local_storage.list("gallery/variants/")] == [keep]
+
+
+# --- determinism: what put-if-absent relies on -----------------------------------------------
+
+
+def test_encoder_thread_count_does_not_change_the_bytes(corpus):
+    from gallery.services import variant_recipe_current
+
+    data = (corpus / "photos/reconyx_trailcam_2048x1536.jpg").read_bytes()
+    source = imaging.decode_for_variants(data, max_pixels=100_000_000, target_width=1280)
+    ((width, tier),) = list(imaging.render_tiers(source, [1280]))
+    assert tier.size == (1280, 960)  # 1.2 MP
+    recipe = variant_recipe_current()
+    for fmt in imaging.FORMATS:
+        one = imaging.encode_variant(tier, fmt, replace(recipe, encoder_threads=1))
+        four = imaging.encode_variant(tier, fmt, replace(recipe, encoder_threads=4))
+        assert len(one) > 10_000
+        assert hashlib.sha256(one).hexdigest() == hashlib.sha256(four).hexdigest(), f"{fmt} differs by thread count"
+
+
+@pytest.mark.django_db
+def test_low_memory_path_stores_the_same_bytes(corpus, settings, media_root, monkeypatch):
+    from gallery.services import image_ingest, preprocess_image
+
+    settings.PICSITE_ENCODER_THREADS = 4
+    path = corpus / "photos/canon_sx60_orientation6.jpg"  # 1536x2048 upright: tiers up to 1280
+    image = image_ingest(data=path.read_bytes(), filename=path.name).image
+    normal = LocalVariantStore(root=str(media_root / "normal"), base_url="/n/", folder="gallery")
+    low = LocalVariantStore(root=str(media_root / "low"), base_url="/l/", folder="gallery")
+
+    threads_used: list[int] = []
+    encode = imaging.encode_variant
+
+    def encode_recording_threads(img, fmt, recipe):
+        threads_used.append(recipe.encoder_threads)
+        return encode(img, fmt, recipe)
+
+    monkeypatch.setattr(imaging, "encode_variant", encode_recording_threads)
+    assert not preprocess_image(image, normal).skipped
+    assert set(threads_used) == {4}
+    threads_used.clear()
+    settings.PICSITE_LOW_MEMORY_PIXELS = 1  # every image is "huge": single-threaded encodes
+    assert not preprocess_image(image, low, force=True).skipped
+    assert set(threads_used) == {1}  # the low-memory path was taken
+
+    def files(root: str) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+    normal_files, low_files = files(normal.root), files(low.root)
+    assert len(normal_files) == 12  # 6 tiers x (AVIF, WebP)
+    assert normal_files.keys() == low_files.keys()
+    differing = [name for name in normal_files if normal_files[name] != low_files[name]]
+    assert differing == []
