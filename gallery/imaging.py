@@ -1063,6 +1063,10 @@ def encode_variant(img: Image.Image, fmt: str, recipe: VariantRecipe) -> bytes:
             quality=recipe.avif_quality,
             speed=recipe.avif_speed,
             max_threads=threads,
+            # libaom's row-based multithreading makes the bitstream depend on the thread count
+            # for tall frames (2560x3413: 1 thread != 2); tile threading does not. Keys are
+            # immutable and the thread count is not in them, so the bytes must not vary.
+            advanced={"row-mt": "0"},
             icc_profile=b"",
             exif=b"",
             xmp=b"",

@@ -74,7 +74,7 @@ def generate_variants_job(image_id: int, attempt: int = 1) -> str:
             return STORAGE_UNAVAILABLE
         message = f"{exc.stage}/{exc.code}: {exc.message}"
         image_record_variant_failure(image_id=image_id, message=message, attempts=attempt)
-        if exc.stage == "decode":  # the bytes will not get better
+        if exc.stage == "decode" or exc.code == "variant_overwrite_refused":  # a retry repeats it
             return "failed"
         _schedule_retry(image_id, attempt, reason=message)
         return "retrying"

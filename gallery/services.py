@@ -30,7 +30,13 @@ from django.utils import timezone
 from gallery import imaging
 from gallery.imaging import CancelledError, ImageRejected, VariantRecipe
 from gallery.models import Image, VariantSet
-from gallery.storage import VariantStorageError, VariantStore, variant_key, variant_store_resolve
+from gallery.storage import (
+    VariantOverwriteRefused,
+    VariantStorageError,
+    VariantStore,
+    variant_key,
+    variant_store_resolve,
+)
 from gallery.storage_health import (
     ORIGINALS,
     VARIANTS,
@@ -569,6 +575,9 @@ def _store_tiers(
             key = variant_key(folder=target.folder, image_key=image.image_key, width=width, fmt=fmt, key_version=target.key_version)
             try:
                 stored = storage.put(key, payload, imaging.CONTENT_TYPES[fmt])
+            except VariantOverwriteRefused as exc:
+                # Not an outage and not worth a retry: the same key would get the same bytes.
+                raise VariantGenerationError(stage="upload", code="variant_overwrite_refused", message=str(exc)) from exc
             except VariantStorageError as exc:
                 down = storage_failure_record(storage=VARIANTS, error=str(exc))
                 code = STORAGE_UNAVAILABLE if down else "variant_upload_failed"

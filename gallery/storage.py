@@ -6,14 +6,27 @@ is seen by a running worker at its next item.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import mimetypes
+import os
 import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import islice
+from pathlib import Path
 from typing import Protocol
 
 from django.conf import settings
-from django.core.files.base import ContentFile
+from django.core.exceptions import SuspiciousFileOperation
 from django.core.files.storage import FileSystemStorage
+
+from gallery.audit import audit_record
+
+logger = logging.getLogger(__name__)
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 
@@ -30,14 +43,45 @@ class VariantStorageError(Exception):
     """A put/exists against the variant storage failed (network, 5xx, timeout)."""
 
 
+class VariantOverwriteRefused(Exception):
+    """A put found its key holding different bytes: variant objects are immutable.
+
+    Deliberately not a VariantStorageError: the storage works (it must not count towards
+    outage detection); the caller broke the rule that a key has one content only.
+    """
+
+    def __init__(self, *, key: str, store: str, existing_sha256: str, new_sha256: str):
+        super().__init__(
+            f"refused to overwrite {key} ({store}): it holds sha256 {existing_sha256}, "
+            f"the new bytes are sha256 {new_sha256}"
+        )
+        self.key = key
+        self.store = store
+        self.existing_sha256 = existing_sha256
+        self.new_sha256 = new_sha256
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    key: str
+    size: int
+    last_modified: datetime  # aware, UTC
+
+
+# Called with (key, message) for each key delete_many could not delete.
+DeleteErrorHandler = Callable[[str, str], None]
+
+
 class VariantStore(Protocol):
     kind: str
     folder: str
 
-    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def put(self, key: str, data: bytes, content_type: str) -> bool: ...
     def probe(self) -> None: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
+    def delete_many(self, keys: Iterable[str], *, on_error: DeleteErrorHandler | None = None) -> int: ...
+    def list(self, prefix: str) -> Iterator[StoredObject]: ...
     def url(self, key: str) -> str: ...
 
 
@@ -48,6 +92,34 @@ PROBE_BYTES = b"picsite storage probe\n"
 
 def _probe_key(folder: str) -> str:
     return f"{folder.strip('/')}/{PROBE_NAME}" if folder.strip("/") else PROBE_NAME
+
+
+def _refuse(*, key: str, store: str, existing: bytes, new: bytes, **details: object) -> VariantOverwriteRefused:
+    """Audit a refused overwrite and build the exception for the caller to raise."""
+    refused = VariantOverwriteRefused(
+        key=key, store=store, existing_sha256=hashlib.sha256(existing).hexdigest(), new_sha256=hashlib.sha256(new).hexdigest()
+    )
+    audit_record(
+        "variant_overwrite_refused",
+        key=key,
+        store=store,
+        existing_sha256=refused.existing_sha256,
+        new_sha256=refused.new_sha256,
+        existing_size=len(existing),
+        new_size=len(new),
+        **details,
+    )
+    return refused
+
+
+def _log_delete_error(key: str, message: str) -> None:
+    logger.warning("could not delete variant object %s: %s", key, message)
+
+
+def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
 
 
 def variant_key(*, folder: str, image_key: str, width: int, fmt: str, key_version: str = "") -> str:
@@ -95,6 +167,13 @@ def variant_key_parse(*, folder: str, key: str) -> dict | None:
     }
 
 
+_PUT_ATTEMPTS = 5  # a key deleted by a sweep between our check and our read is written again
+
+# In-flight writes: a temp file beside the final name, linked into place when complete.
+# list() skips them; they never carry a key's name, so readers never see a partial file.
+TMP_PREFIX = ".picsite-tmp-"
+
+
 @dataclass
 class LocalVariantStore:
     root: str
@@ -103,13 +182,68 @@ class LocalVariantStore:
     kind: str = "local"
 
     def __post_init__(self) -> None:
-        self._fs = FileSystemStorage(location=self.root, base_url=self.base_url, allow_overwrite=True)
+        self._fs = FileSystemStorage(location=self.root, base_url=self.base_url)
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
+    def put(self, key: str, data: bytes, content_type: str) -> bool:
+        """Put-if-absent: True if written, False if the key already holds these bytes.
+
+        Raises VariantOverwriteRefused if it holds other bytes, VariantStorageError if the
+        disk fails. Atomic: the bytes go to a temp file that ``os.link`` gives the final
+        name, which fails if the name exists, so two writers never both win.
+        """
+        path = Path(self._fs.path(key))  # refuses keys that escape the root
         try:
-            self._fs.save(key, ContentFile(data))
+            self._make_dirs(path.parent)
+            tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{uuid.uuid4().hex}")
+            try:
+                self._write_new(tmp, data)
+                existing = self._link_or_read(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
         except OSError as exc:
             raise VariantStorageError(f"local write of {key} failed: {exc}") from exc
+        if existing is None:
+            return True
+        if existing == data:
+            return False
+        raise _refuse(key=key, store=self.kind, existing=existing, new=data, root=self.root)
+
+    @staticmethod
+    def _link_or_read(tmp: Path, path: Path) -> bytes | None:
+        """Give ``tmp`` the name ``path`` (None) unless that name exists: then its bytes."""
+        for _ in range(_PUT_ATTEMPTS):
+            try:
+                os.link(tmp, path)
+                return None
+            except FileExistsError:
+                pass
+            try:
+                return path.read_bytes()
+            except FileNotFoundError:
+                continue  # deleted since (a sweep): link again
+        raise OSError(f"{path} keeps appearing and vanishing")
+
+    def _write_new(self, tmp: Path, data: bytes) -> None:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        with open(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            # Durable before it gets its name: after a host crash a key never names a
+            # short file, which put-if-absent would then refuse to repair.
+            os.fsync(fh.fileno())
+            if self._fs.file_permissions_mode is not None:
+                os.fchmod(fh.fileno(), self._fs.file_permissions_mode)
+
+    def _make_dirs(self, directory: Path) -> None:
+        mode = self._fs.directory_permissions_mode
+        if mode is None:
+            directory.mkdir(parents=True, exist_ok=True)
+            return
+        old_umask = os.umask(0o777 & ~mode)  # as FileSystemStorage does
+        try:
+            directory.mkdir(mode=mode, parents=True, exist_ok=True)
+        finally:
+            os.umask(old_umask)
 
     def probe(self) -> None:
         """Raise VariantStorageError unless a small object can be written."""
@@ -121,8 +255,67 @@ class LocalVariantStore:
     def delete(self, key: str) -> None:
         self._fs.delete(key)
 
+    def delete_many(self, keys: Iterable[str], *, on_error: DeleteErrorHandler | None = None) -> int:
+        """Unlink each key; returns how many are gone (a key already missing counts, as on
+        S3). A key that cannot be deleted goes to ``on_error`` (default: a warning)."""
+        report = on_error or _log_delete_error
+        deleted = 0
+        for key in keys:
+            try:
+                os.unlink(self._fs.path(key))
+            except FileNotFoundError:
+                pass
+            except (OSError, SuspiciousFileOperation) as exc:
+                report(key, f"{type(exc).__name__}: {exc}")
+                continue
+            deleted += 1
+        return deleted
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix`` (a string match, as on S3), found
+        by walking the prefix's directory; in no particular order. Keys are relative to
+        the root with forward slashes; files still being written are skipped."""
+        base = prefix.rpartition("/")[0]
+        pending = [(Path(self._fs.path(base)) if base else Path(self.root), base)]
+        while pending:
+            directory, dir_key = pending.pop()
+            try:
+                with os.scandir(directory) as entries:
+                    for entry in entries:
+                        key = f"{dir_key}/{entry.name}" if dir_key else entry.name
+                        if entry.is_dir(follow_symlinks=False):
+                            if key.startswith(prefix) or prefix.startswith(key + "/"):
+                                pending.append((Path(entry.path), key))
+                        elif key.startswith(prefix) and not entry.name.startswith(TMP_PREFIX):
+                            found = self._stored(entry, key)
+                            if found is not None:
+                                yield found
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # no such directory (yet), or removed while we walked
+            except OSError as exc:
+                raise VariantStorageError(f"local listing of {directory} failed: {exc}") from exc
+
+    @staticmethod
+    def _stored(entry: os.DirEntry, key: str) -> StoredObject | None:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                return None
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            return None  # deleted between the directory read and the stat
+        return StoredObject(key=key, size=st.st_size, last_modified=datetime.fromtimestamp(st.st_mtime, UTC))
+
     def url(self, key: str) -> str:
         return self._fs.url(key)
+
+
+_S3_DELETE_CHUNK = 1000  # DeleteObjects takes at most this many keys
+
+
+def _s3_error(exc) -> tuple[str, int]:
+    """(error code, HTTP status) of a botocore ClientError."""
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", "")), int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
 
 
 @dataclass
@@ -149,19 +342,74 @@ class S3VariantStore:
                 secret_key=self.secret_key,
                 timeout_s=self.timeout_s,
             ),
-            file_overwrite=True,  # content-addressed keys: a rewrite is the same object
+            file_overwrite=True,  # unused by put(), which is put-if-absent on its own
             querystring_auth=False,
         )
 
-    def put(self, key: str, data: bytes, content_type: str) -> None:
+    def _client(self):
+        """The boto3 S3 client of the django-storages connection (one per thread)."""
+        return self._storage.connection.meta.client
+
+    def put(self, key: str, data: bytes, content_type: str) -> bool:
+        """Put-if-absent: True if written, False if the key already holds these bytes.
+
+        A conditional write (``If-None-Match: *``) so the check and the write are one
+        atomic step on the server. Raises VariantOverwriteRefused if the key holds other
+        bytes, VariantStorageError if the storage fails.
+        """
         from botocore.exceptions import BotoCoreError, ClientError
 
+        client = self._client()
+        for attempt in range(_PUT_ATTEMPTS):
+            try:
+                client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=data,
+                    ContentType=content_type,
+                    CacheControl=CACHE_CONTROL,
+                    IfNoneMatch="*",
+                )
+                return True
+            except ClientError as exc:
+                code, status = _s3_error(exc)
+                if status == 409 and code == "ConditionalRequestConflict":
+                    # Another conditional write of this key is in flight (real S3): its
+                    # outcome decides ours, so ask again shortly.
+                    time.sleep(0.05 * (attempt + 1))
+                    continue
+                if status != 412 and code != "PreconditionFailed":
+                    raise VariantStorageError(f"S3 put of {key} failed: {exc}") from exc
+            except BotoCoreError as exc:
+                raise VariantStorageError(f"S3 put of {key} failed: {exc}") from exc
+            if self._holds(key, data):
+                return False
+            # None: deleted since our put was refused (a sweep); write it again.
+        raise VariantStorageError(f"S3 put of {key} failed: still conflicting after {_PUT_ATTEMPTS} attempts")
+
+    def _holds(self, key: str, data: bytes) -> bool | None:
+        """After a refused conditional put: True if ``key`` holds ``data``, None if it is
+        gone again; raises VariantOverwriteRefused if it holds anything else."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self._client()
         try:
-            self._storage.bucket.Object(key).put(
-                Body=data, ContentType=content_type, CacheControl=CACHE_CONTROL
-            )
-        except (BotoCoreError, ClientError) as exc:
-            raise VariantStorageError(f"S3 put of {key} failed: {exc}") from exc
+            head = client.head_object(Bucket=self.bucket, Key=key)
+            # A single-part put's ETag is the MD5 of its bytes; variants are never multipart.
+            if head["ETag"].strip('"') == hashlib.md5(data, usedforsecurity=False).hexdigest():
+                return True
+            # Other ETag: other bytes, or an ETag that is no MD5 (SSE-KMS); the bytes decide.
+            existing = client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            code, status = _s3_error(exc)
+            if status == 404 or code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise VariantStorageError(f"S3 read-back of {key} failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise VariantStorageError(f"S3 read-back of {key} failed: {exc}") from exc
+        if existing == data:
+            return True
+        raise _refuse(key=key, store=self.kind, existing=existing, new=data, bucket=self.bucket, etag=head["ETag"])
 
     def probe(self) -> None:
         """Raise VariantStorageError unless a small object can be written."""
@@ -177,6 +425,43 @@ class S3VariantStore:
 
     def delete(self, key: str) -> None:
         self._storage.delete(key)
+
+    def delete_many(self, keys: Iterable[str], *, on_error: DeleteErrorHandler | None = None) -> int:
+        """DeleteObjects in chunks of 1000 (the S3 maximum); returns how many keys were
+        deleted (S3 counts a missing key as deleted). A per-key error goes to ``on_error``
+        (default: a warning); a failed request raises VariantStorageError."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        report = on_error or _log_delete_error
+        client = self._client()
+        deleted = 0
+        for chunk in _chunks(keys, _S3_DELETE_CHUNK):
+            try:
+                response = client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": [{"Key": key} for key in chunk], "Quiet": True}
+                )
+            except (BotoCoreError, ClientError) as exc:
+                raise VariantStorageError(
+                    f"S3 delete of {len(chunk)} objects failed ({deleted} deleted before): {exc}"
+                ) from exc
+            errors = response.get("Errors", [])
+            for error in errors:
+                report(error.get("Key", "?"), f"{error.get('Code', '?')}: {error.get('Message', '')}")
+            deleted += len(chunk) - len(errors)
+        return deleted
+
+    def list(self, prefix: str) -> Iterator[StoredObject]:
+        """Every object whose key starts with ``prefix``, in key order (ListObjectsV2
+        through the boto3 paginator, 1000 per page)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        paginator = self._client().get_paginator("list_objects_v2")
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for obj in page.get("Contents", ()):
+                    yield StoredObject(key=obj["Key"], size=obj["Size"], last_modified=obj["LastModified"].astimezone(UTC))
+        except (BotoCoreError, ClientError) as exc:
+            raise VariantStorageError(f"S3 listing of {prefix!r} failed: {exc}") from exc
 
     def url(self, key: str) -> str:
         if self.public_base_url:

@@ -287,6 +287,10 @@ Q_CLUSTER = {
     "ALT_CLUSTERS": {"backfill": {"workers": env_int("PICSITE_Q_BACKFILL_WORKERS", 2)}},
 }
 
+# Integrity audit log (gallery.audit): every refused overwrite of a variant object (and later
+# other integrity violations) is appended as a JSON line; empty = logged at ERROR only.
+PICSITE_INTEGRITY_AUDIT_LOG = os.environ.get("PICSITE_INTEGRITY_AUDIT_LOG", "")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

@@ -1,12 +1,17 @@
 """Shared fixtures. They compose: ``variant_root`` -> ``local_storage`` / ``s3_storage``
 (-> ``moto_server``), ``staff_user`` -> ``staff_client``; ``staff_user_no_perms``.
 
+Every test fails if an integrity violation (gallery.audit) was recorded while it ran, in
+this process or any subprocess (they inherit PICSITE_INTEGRITY_AUDIT_LOG); a test that
+provokes one on purpose takes it with the ``integrity_audit`` fixture.
+
 Everything runs against the real Postgres (embedded by default) and real servers on
 loopback; nothing is mocked in-process.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -19,6 +24,63 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = Path(os.environ.get("PICSITE_CORPUS", REPO.parent / "shared" / "corpus"))
+
+
+@pytest.fixture(scope="session")
+def integrity_audit_log(tmp_path_factory) -> Path:
+    """The session's integrity audit log, set in the environment (so servers and workers
+    started by tests inherit it) and in this process's settings."""
+    from django.conf import settings
+
+    path = tmp_path_factory.mktemp("integrity") / "audit.jsonl"
+    path.touch()
+    previous = os.environ.get("PICSITE_INTEGRITY_AUDIT_LOG")
+    os.environ["PICSITE_INTEGRITY_AUDIT_LOG"] = str(path)
+    previous_setting = getattr(settings, "PICSITE_INTEGRITY_AUDIT_LOG", "")
+    settings.PICSITE_INTEGRITY_AUDIT_LOG = str(path)
+    yield path
+    settings.PICSITE_INTEGRITY_AUDIT_LOG = previous_setting
+    if previous is None:
+        os.environ.pop("PICSITE_INTEGRITY_AUDIT_LOG", None)
+    else:
+        os.environ["PICSITE_INTEGRITY_AUDIT_LOG"] = previous
+
+
+class IntegrityAudit:
+    """Reads the entries appended to the audit log since the test began."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.offset = path.stat().st_size
+
+    def take(self) -> list[dict]:
+        """New entries (whole lines only), which count as expected from now on."""
+        with self.path.open("rb") as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        whole = chunk[: chunk.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        return [json.loads(line) for line in whole.splitlines()]
+
+
+@pytest.fixture(autouse=True)
+def _no_integrity_violations(integrity_audit_log):
+    audit = IntegrityAudit(integrity_audit_log)
+    yield audit
+    unexpected = audit.take()
+    if unexpected:
+        pytest.fail(
+            f"{len(unexpected)} integrity violation(s) recorded during this test "
+            f"(PICSITE_INTEGRITY_AUDIT_LOG={integrity_audit_log}): {unexpected[:3]}",
+            pytrace=False,
+        )
+
+
+@pytest.fixture
+def integrity_audit(_no_integrity_violations) -> IntegrityAudit:
+    """For a test that provokes an integrity violation on purpose: ``take()`` returns the
+    entries recorded so far and marks them expected."""
+    return _no_integrity_violations
 
 
 @pytest.fixture(scope="session")

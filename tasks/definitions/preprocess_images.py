@@ -101,6 +101,10 @@ def rescue_scope() -> dict | None:
     return {"new_only": True} if stranded.exists() else None
 
 
+# Failures that another attempt would only repeat: a file that will not decode will not
+# decode next time either, and an immutable key refusing other bytes refuses them again.
+FINAL_CODES = frozenset({"variant_overwrite_refused"})
+
 # Scopes whose images are regenerated even when their variants are current: "force"
 # (after a bucket was wiped or restored) and an explicit list of ids.
 REGENERATING_MODES = ("all", "ids")
@@ -125,9 +129,8 @@ def process(image: Image, cancel, scope: dict) -> ItemResult:
             raise ItemFailure(code=exc.code, stage=exc.stage, message=exc.message, pause_run=STORAGE_UNAVAILABLE) from exc
         # The reason stays visible on the image (admin, "failed only" scope).
         image_record_variant_failure(image_id=image.pk, message=f"{exc.stage}/{exc.code}: {exc.message}")
-        # A file that will not decode will not decode next time either.
         raise ItemFailure(
-            code=exc.code, stage=exc.stage, message=exc.message, retryable=exc.stage != "decode"
+            code=exc.code, stage=exc.stage, message=exc.message, retryable=exc.code not in FINAL_CODES and exc.stage != "decode"
         ) from exc
     if outcome.skipped:
         return ItemResult("skipped")
