@@ -254,7 +254,7 @@ def test_serverless_tick_starts_a_run_for_new_images_only(corpus, local_storage,
 
 
 @pytest.mark.parametrize("scope_of", [lambda img: {"force": True}, lambda img: {"image_ids": [img.pk]}])
-def test_force_and_explicit_ids_regenerate_current_variants(corpus, local_storage, scope_of):
+def test_force_and_explicit_ids_regenerate_current_variants(corpus, local_storage, scope_of, integrity_audit):
     (image,) = ingest(corpus, SMALL_PHOTOS[:1])
     assert drain(engine.create(task_key="preprocess-images", scope={}).pk).succeeded == 1
     image.refresh_from_db()
@@ -270,6 +270,8 @@ def test_force_and_explicit_ids_regenerate_current_variants(corpus, local_storag
     run = drain(engine.create(task_key="preprocess-images", scope=scope_of(image)).pk)
     assert (run.status, run.succeeded, run.skipped) == (RunStatus.SUCCEEDED, 1, 0)
     assert run.spent_bytes > 0 and local_storage.exists(lost)
+    # The integrity audit saw the lost object while the repair was under way, and nothing else.
+    assert {entry["details"]["key"] for entry in integrity_audit.take()} == {lost}
     image.refresh_from_db()
     assert image.variants_ready and image.ready_max_width == widths[-1]
 
