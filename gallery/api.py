@@ -1,4 +1,5 @@
-"""JSON API: ``POST /api/v1/images`` (multipart upload of one or many photos).
+"""JSON API: ``POST /api/v1/images`` (multipart upload of one or many photos) and
+``GET /api/v1/images/<id>`` (one image with its serving and candidate variant sets).
 
 A thin adapter: auth via ``picsite.api_auth.api_authorize`` (a staff user with
 ``gallery.add_image``, as the admin's upload form requires; a token needs the
@@ -14,11 +15,15 @@ from django.http.multipartparser import MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
 
 from gallery.importer import IngestItem, IngestSource, ingest_uploads
-from gallery.services import OriginalStorageError
+from gallery.models import Image, VariantSet
+from gallery.selectors import VariantStores, image_variant_sets, variant_url
+from gallery.services import OriginalStorageError, variant_recipe_current
 from picsite.api_auth import Access, ApiAuthError, api_authorize, api_error
 
 FILE_FIELDS = ("file", "files")
 UPLOAD = Access(permission="gallery.add_image", scopes=("write",))
+VIEW = Access(permission="gallery.view_image", scopes=("read",))
+MAX_BIGINT = 2**63 - 1
 
 
 # CSRF is checked by api_authorize for session callers (token callers need none), so the
@@ -69,3 +74,73 @@ def _image_json(item: IngestItem) -> dict:
 
 def _rejected_json(item: IngestItem) -> dict:
     return {"file": item.name, "code": item.code, "message": item.message}
+
+
+@csrf_exempt
+def image_detail(request: HttpRequest, image_id: int) -> JsonResponse:
+    """One image as staff see it: its variant state and the sets it serves or is building."""
+    if request.method not in ("GET", "HEAD"):
+        response = api_error(405, "method_not_allowed", f"{request.method} is not allowed here; use GET.")
+        response["Allow"] = "GET, HEAD"
+        return response
+    try:
+        api_authorize(request, access=VIEW)
+    except ApiAuthError as exc:
+        return exc.response()
+    image = None
+    if 0 < image_id <= MAX_BIGINT:
+        image = Image.objects.select_related("serving_set").filter(pk=image_id).first()
+    if image is None:
+        return api_error(404, "image_not_found", f"No image with id {image_id}.")
+    stores = VariantStores()
+    sets = image_variant_sets(image=image, stores=stores)
+    current = variant_recipe_current().version
+    return JsonResponse(
+        {
+            "id": image.pk,
+            "title": image.title,
+            "image_key": image.image_key,
+            "mime_type": image.mime_type,
+            "width": image.width,
+            "height": image.height,
+            "blurhash": image.blurhash,
+            "created_at": image.created_at.isoformat(),
+            "deleted_at": image.deleted_at.isoformat() if image.deleted_at else None,
+            "variants": {
+                "ready": image.variants_ready,
+                "ready_max_width": image.ready_max_width,
+                "recipe_version": image.variants_recipe,
+                "current_recipe_version": current,
+                "stale": bool(image.serving_set_id) and image.variants_recipe != current,
+                "error": image.variants_error,
+                "serving": _set_json(image, sets["serving"], stores) if sets["serving"] else None,
+                "candidates": [_set_json(image, s, stores) for s in sets["candidates"]],
+                "superseded": [_set_json(image, s, stores) for s in sets["superseded"]],
+            },
+        }
+    )
+
+
+def _set_json(image: Image, vset: VariantSet, stores: VariantStores) -> dict:
+    store = stores.get(vset.storage_kind, vset.folder)
+    urls = {
+        fmt: {str(w): variant_url(image=image, vset=vset, store=store, width=w, fmt=fmt) for w in vset.ready_widths}
+        for fmt in vset.formats
+    } if store is not None else {}
+    return {
+        "id": vset.pk,
+        "state": vset.state,
+        "recipe_version": vset.recipe_version,
+        "key_version": vset.key_version,
+        "storage": vset.storage_kind,
+        "folder": vset.folder,
+        "widths": vset.widths,
+        "ready_widths": vset.ready_widths,
+        "formats": vset.formats,
+        "complete": vset.is_complete,
+        "bytes": vset.bytes,
+        "created_at": vset.created_at.isoformat(),
+        "completed_at": vset.completed_at.isoformat() if vset.completed_at else None,
+        "superseded_at": vset.superseded_at.isoformat() if vset.superseded_at else None,
+        "urls": urls,
+    }

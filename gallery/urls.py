@@ -17,4 +17,5 @@ urlpatterns = [
 
 api_urlpatterns = [
     path("api/v1/images", api.images_create, name="api-images"),
+    path("api/v1/images/<int:image_id>", api.image_detail, name="api-image"),
 ]

@@ -237,6 +237,7 @@ def _components(scope_schemas: dict[str, Schema]) -> Schema:
                 },
             },
         },
+        "VariantSet": _variant_set_schema(),
         "ImageUploadResult": {
             "type": "object",
             "required": ["images", "rejected"],
@@ -532,6 +533,84 @@ def _images_path() -> dict[str, Schema]:
     }
 
 
+def _variant_set_schema() -> Schema:
+    tiers = {"type": "object", "description": "Width (as a string) -> URL, ready tiers only.", "additionalProperties": {"type": "string"}}
+    stamp = {"type": "string", "format": "date-time"}
+    return {
+        "type": "object",
+        "required": ["id", "state", "recipe_version", "key_version", "storage", "folder", "widths", "ready_widths", "formats", "complete", "bytes", "created_at", "completed_at", "superseded_at", "urls"],
+        "properties": {
+            "id": {"type": "integer"},
+            "state": {"type": "string", "enum": ["serving", "candidate", "superseded"]},
+            "recipe_version": {"type": "string"},
+            "key_version": {"type": "string", "description": "In every object key; empty for the legacy (unversioned) set."},
+            "storage": {"type": "string", "enum": ["local", "s3"]},
+            "folder": {"type": "string"},
+            "widths": {"type": "array", "items": {"type": "integer"}},
+            "ready_widths": {"type": "array", "items": {"type": "integer"}},
+            "formats": {"type": "array", "items": {"type": "string"}},
+            "complete": {"type": "boolean"},
+            "bytes": {"type": "integer"},
+            "created_at": stamp,
+            "completed_at": _nullable(stamp),
+            "superseded_at": _nullable(stamp),
+            "urls": {"type": "object", "additionalProperties": tiers},
+        },
+    }
+
+
+def _image_path() -> dict[str, Schema]:
+    stamp = {"type": "string", "format": "date-time"}
+    image = {
+        "type": "object",
+        "required": ["id", "title", "image_key", "mime_type", "width", "height", "blurhash", "created_at", "deleted_at", "variants"],
+        "properties": {
+            "id": {"type": "integer"},
+            "title": {"type": "string"},
+            "image_key": {"type": "string"},
+            "mime_type": {"type": "string"},
+            "width": {"type": "integer"},
+            "height": {"type": "integer"},
+            "blurhash": {"type": "string"},
+            "created_at": stamp,
+            "deleted_at": _nullable(stamp),
+            "variants": {
+                "type": "object",
+                "required": ["ready", "ready_max_width", "recipe_version", "current_recipe_version", "stale", "error", "serving", "candidates", "superseded"],
+                "properties": {
+                    "ready": {"type": "boolean"},
+                    "ready_max_width": {"type": "integer"},
+                    "recipe_version": {"type": "string"},
+                    "current_recipe_version": {"type": "string"},
+                    "stale": {"type": "boolean", "description": "The serving set was made with another recipe."},
+                    "error": {"type": "string"},
+                    "serving": _nullable(_ref("VariantSet")),
+                    "candidates": {"type": "array", "items": _ref("VariantSet")},
+                    "superseded": {"type": "array", "items": _ref("VariantSet")},
+                },
+            },
+        },
+    }
+    return {
+        "/api/v1/images/{image_id}": {
+            "get": {
+                "operationId": "image_detail",
+                "tags": ["Gallery"],
+                "summary": "One image: its variant state, serving set, candidates and superseded sets.",
+                "parameters": [{"name": "image_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 1}}],
+                "responses": {
+                    "200": _json("The image.", image),
+                    "401": _error("401"),
+                    "403": _error("403"),
+                    "404": _error("404"),
+                    "405": _error("405"),
+                    "default": {"description": "Any other error.", "content": {"application/json": {"schema": _ref("Error")}}},
+                },
+            }
+        }
+    }
+
+
 def openapi_document() -> dict[str, Any]:
     paths: dict[str, Schema] = {
         "/api/v1/schema": {
@@ -544,6 +623,7 @@ def openapi_document() -> dict[str, Any]:
             }
         },
         **_images_path(),
+        **_image_path(),
     }
     scope_schemas: dict[str, Schema] = {}
     for prefix, task_key in TASK_API_PREFIXES.items():
