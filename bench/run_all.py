@@ -5,7 +5,8 @@
 Each bench runs as its own subprocess, in order, and merges its key into bench/results.json:
 bench_variants.py ("variants"), bench_engine.py ("engine"), bench_scale.py ("scale"),
 bench_parallel.py ("parallel", reusing bench_engine's W=1/W=2 measurement), bench_memory.py
-("memory"), bench_recovery.py ("recovery": SIGKILLed workers' batches taken over). A bench that crashes is reported and the rest still run. Exit status: 1 if a
+("memory"), bench_recovery.py ("recovery": SIGKILLed workers' batches taken over),
+bench_switch.py (adds variants.switch_gap_ms: advertised URLs during a regeneration). A bench that crashes is reported and the rest still run. Exit status: 1 if a
 bench crashed, or with --strict if a target was missed; else 0.
 """
 
@@ -29,6 +30,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("parallel", ["bench_parallel.py", "--reuse-engine"]),
     ("memory", ["bench_memory.py"]),
     ("recovery", ["bench_recovery.py"]),
+    ("switch", ["bench_switch.py"]),
 ]
 
 # (results key, field, comparison, threshold, note)
@@ -44,6 +46,7 @@ TARGETS: list[tuple[str, str, str, object, str]] = [
     ("parallel", "efficiency", ">=", 0.85, "T(W=2) / (min(2,C) * T(W=1)); 0.85 = 1.7 on 2 cores"),
     ("memory", "within_bound", "==", True, "every peak RSS <= bound_mb"),
     ("recovery", "adopt_s_p95", "<=", 45, "SIGKILLed worker's batch taken over (s, default lease)"),
+    ("variants", "switch_gap_ms", "==", 0, "longest an advertised URL failed during a regeneration"),
 ]
 
 OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}
