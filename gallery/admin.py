@@ -120,6 +120,7 @@ class ImageAdmin(admin.ModelAdmin):
         "variants_ready",
         "ready_max_width",
         "variants_recipe",
+        "variant_sets_summary",
         "variants_attempts",
         "variants_bytes",
         "variants_error",
@@ -198,6 +199,23 @@ class ImageAdmin(admin.ModelAdmin):
         if not url:
             return "no variant ready yet"
         return format_html('<img src="{}" alt="" style="max-width: 320px; height: auto">', url)
+
+    @admin.display(description="variant sets")
+    def variant_sets_summary(self, obj: Image) -> str:
+        rows = [
+            format_html(
+                "<li><b>{}</b>{} — key {} · recipe {} · {} · ready {} of {}</li>",
+                vset.state,
+                " (served)" if vset.pk == obj.serving_set_id else "",
+                vset.key_version or "legacy",
+                vset.recipe_version,
+                f"{vset.storage_kind}:{vset.folder}",
+                ", ".join(map(str, vset.ready_widths)) or "none",
+                ", ".join(map(str, vset.widths)),
+            )
+            for vset in obj.variant_sets.order_by("-id")
+        ]
+        return format_html("<ul>{}</ul>", mark_safe("".join(rows))) if rows else "none"
 
     @admin.display(description="size", ordering="width")
     def dimensions(self, obj: Image) -> str:
