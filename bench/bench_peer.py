@@ -20,6 +20,9 @@ in libvips and libheif source):
   concurrency, which heifsave hands to libheif's aom encoder as its thread count (and
   which libvips also uses for its own decode/resize thread pool).
 - No metadata written (``strip``): our variants carry no EXIF/XMP/ICC either.
+- Same pixels: an opaque alpha is dropped (as ours does), 16-bit and grey become 8-bit
+  sRGB, and JPEGs load with ``unlimited`` (libvips otherwise fails a JPEG after 100
+  decoder warnings, which Pillow decodes).
 
 Both contenders run in this one process, photo by photo, ``--repeat`` times each in
 alternating order (median wall and CPU time kept; CPU time counts every thread). The
@@ -137,11 +140,15 @@ def run_vips(pyvips, data: bytes, recipe: VariantRecipe, settings: dict, stages:
     sizes = _tier_sizes(width, height, recipe.tier_widths(width))
     # export_profile only with an embedded profile: without one libvips would go through
     # XYZ and back, which our pipeline does not do either (it assumes sRGB).
-    colour = {"export_profile": "srgb"} if "icc-profile-data" in fields else {}
+    options = {"export_profile": "srgb"} if "icc-profile-data" in fields else {}
+    if header.get("vips-loader") == "jpegload_buffer":
+        # libvips gives up on a JPEG after 100 decoder warnings; Pillow (ours) decodes such
+        # a damaged scan (olympus_u1020 in the corpus), so load the way ours does.
+        options["option_string"] = "unlimited"
     w0, h0 = sizes[0]
     # Decode once into memory (each tier is built from it); an image already in memory is
     # not copied again, so the second copy_memory only costs when _rgb8 changed something.
-    current = pyvips.Image.thumbnail_buffer(data, w0, height=h0, size="force", **colour).copy_memory()
+    current = pyvips.Image.thumbnail_buffer(data, w0, height=h0, size="force", **options).copy_memory()
     current = _rgb8(current).copy_memory()
     tiers = [(w0, current)]
     for w, h in sizes[1:]:
