@@ -3,10 +3,12 @@
     python bench/run_all.py [--only engine,scale] [--strict]      (``make bench``)
 
 Each bench runs as its own subprocess, in order, and merges its key into bench/results.json:
-bench_variants.py ("variants"), bench_engine.py ("engine"), bench_scale.py ("scale"),
-bench_parallel.py ("parallel", reusing bench_engine's W=1/W=2 measurement), bench_memory.py
-("memory"), bench_recovery.py ("recovery": SIGKILLed workers' batches taken over),
-bench_switch.py (adds variants.switch_gap_ms: advertised URLs during a regeneration). A bench that crashes is reported and the rest still run. Exit status: 1 if a
+bench_variants.py ("variants"), bench_peer.py ("peer": the same ladder through libvips at
+equal encoder settings; skipped with a line when pyvips cannot load), bench_engine.py
+("engine"), bench_scale.py ("scale"), bench_parallel.py ("parallel", reusing bench_engine's
+W=1/W=2 measurement), bench_memory.py ("memory"), bench_recovery.py ("recovery": SIGKILLed
+workers' batches taken over), bench_switch.py (adds variants.switch_gap_ms: advertised URLs
+during a regeneration). A bench that crashes is reported and the rest still run. Exit status: 1 if a
 bench crashed, or with --strict if a target was missed; else 0.
 """
 
@@ -25,6 +27,7 @@ RESULTS = BENCH / "results.json"
 
 BENCHES: list[tuple[str, list[str]]] = [
     ("variants", ["bench_variants.py"]),
+    ("peer", ["bench_peer.py"]),
     ("engine", ["bench_engine.py"]),
     ("scale", ["bench_scale.py"]),
     ("parallel", ["bench_parallel.py", "--reuse-engine"]),
@@ -33,8 +36,11 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("switch", ["bench_switch.py"]),
 ]
 
-# (results key, field, comparison, threshold, note)
+# (results key, field, comparison, threshold, note); the peer goals are bench_peer.TARGETS.
 TARGETS: list[tuple[str, str, str, object, str]] = [
+    ("peer", "vips_time_over_pipeline", ">=", 1.0, "libvips ladder time / ours (still ahead?)"),
+    ("peer", "vips_bytes_over_pipeline", ">=", 0.95, "libvips ladder bytes / ours"),
+    ("peer", "quality_delta", "<=", 0.005, "libvips SSIM - ours"),
     ("engine", "noop_items_per_s", ">=", 1000, "engine bookkeeping, no-op items/s"),
     ("engine", "noop_over_bare", ">=", 0.5, "no-op kick vs bare UPDATE loop"),
     ("engine", "two_over_one_worker", ">=", 1.7, "preprocess backfill, 2 workers / 1"),
@@ -71,7 +77,9 @@ def table(results: dict) -> tuple[list[str], int]:
     misses = 0
     for key, field, op, threshold, note in TARGETS:
         value = results.get(key, {}).get(field)
-        if value is None:
+        if results.get(key, {}).get("available") is False:
+            verdict, shown = "SKIPPED", "-"  # e.g. pyvips cannot load: the bench said why
+        elif value is None:
             verdict, shown = "MISSING", "-"
         else:
             ok = OPS[op](value, threshold)
