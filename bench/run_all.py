@@ -5,7 +5,8 @@
 Each bench runs as its own subprocess, in order, and merges its key into bench/results.json:
 bench_variants.py ("variants"), bench_engine.py ("engine"), bench_scale.py ("scale"),
 bench_parallel.py ("parallel", reusing bench_engine's W=1/W=2 measurement), bench_memory.py
-("memory"), bench_recovery.py ("recovery": SIGKILLed workers' batches taken over). A bench that crashes is reported and the rest still run. Exit status: 1 if a
+("memory"), bench_recovery.py ("recovery": SIGKILLed workers' batches taken over), bench_gc.py ("gc": the
+variants-gc task deleting 20,000 local and 2,000 moto objects, and listing). A bench that crashes is reported and the rest still run. Exit status: 1 if a
 bench crashed, or with --strict if a target was missed; else 0.
 """
 
@@ -29,6 +30,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("parallel", ["bench_parallel.py", "--reuse-engine"]),
     ("memory", ["bench_memory.py"]),
     ("recovery", ["bench_recovery.py"]),
+    ("gc", ["bench_gc.py"]),
 ]
 
 # (results key, field, comparison, threshold, note)
