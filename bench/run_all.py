@@ -8,7 +8,8 @@ equal encoder settings; skipped with a line when pyvips cannot load), bench_engi
 ("engine"), bench_scale.py ("scale"), bench_parallel.py ("parallel", reusing bench_engine's
 W=1/W=2 measurement), bench_memory.py ("memory"), bench_recovery.py ("recovery": SIGKILLed
 workers' batches taken over), bench_switch.py (adds variants.switch_gap_ms: advertised URLs
-during a regeneration). A bench that crashes is reported and the rest still run. Exit status: 1 if a
+during a regeneration), bench_gc.py ("gc": the variants-gc task deleting 20,000 local and
+2,000 moto objects, and listing). A bench that crashes is reported and the rest still run. Exit status: 1 if a
 bench crashed, or with --strict if a target was missed; else 0.
 """
 
@@ -34,6 +35,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("memory", ["bench_memory.py"]),
     ("recovery", ["bench_recovery.py"]),
     ("switch", ["bench_switch.py"]),
+    ("gc", ["bench_gc.py"]),
 ]
 
 # (results key, field, comparison, threshold, note); the peer goals are bench_peer.TARGETS.

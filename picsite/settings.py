@@ -217,6 +217,9 @@ PICSITE_S3_ACCESS_KEY_ID = os.environ.get("PICSITE_S3_ACCESS_KEY_ID", "") or Non
 PICSITE_S3_SECRET_ACCESS_KEY = os.environ.get("PICSITE_S3_SECRET_ACCESS_KEY", "") or None
 PICSITE_S3_PUBLIC_BASE_URL = os.environ.get("PICSITE_S3_PUBLIC_BASE_URL", "")
 PICSITE_S3_TIMEOUT_S = env_float("PICSITE_S3_TIMEOUT_S", 20)
+# The variants-gc task deletes superseded sets, purges soft-deleted photos and sweeps orphan
+# objects only once they are this many days old (cached pages may still name them).
+PICSITE_VARIANT_GC_GRACE_DAYS = env_float("PICSITE_VARIANT_GC_GRACE_DAYS", 7)
 
 # Originals: "local" (MEDIA_ROOT/originals, default) or "s3": PICSITE_ORIGINALS_S3_BUCKET, a
 # private bucket (originals may carry GPS and are never served) on the same endpoint, region

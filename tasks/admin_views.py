@@ -30,12 +30,17 @@ from tasks.registry import TaskDefinition
 API_BASES = {
     "preprocess-images": "/api/v1/preprocess-tasks/",
     "metadata-refresh": "/api/v1/tasks/",
+    "variants-gc": "/api/v1/variants-gc-tasks/",
 }
 
 # What an empty scope means for each task (the definition's normalize_scope default).
 DEFAULT_SCOPE_LABELS = {
     "preprocess-images": ("Missing", "Images with no variants yet, or made with an older recipe"),
     "metadata-refresh": ("All", "Every live image"),
+    "variants-gc": (
+        "Everything",
+        "Superseded sets and deleted photos past the grace period, and orphan objects (lists the storage)",
+    ),
 }
 
 FIELD_LABELS = {
@@ -44,6 +49,7 @@ FIELD_LABELS = {
     "failed_only": "Failed only",
     "missing_only": "Missing only",
     "image_ids": "Explicit ids",
+    "skip_orphans": "No orphan sweep",
 }
 
 HIDDEN_KEY_PREFIXES = ("test-",)

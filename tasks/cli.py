@@ -229,6 +229,10 @@ def _dry_run(defn, preview: engine.Preview, budget: dict | None, active, stdout)
             parts.append(f"about ${est['money']:.4f}")
         basis = "recent runs" if est.get("basis") == "history" else "default per-item costs"
         _line(stdout, f"  estimate: {', '.join(parts)} (from {basis})")
+    if preview.details:
+        # The definition's own figures (variants-gc: what a run would reclaim).
+        summary = preview.details.get("summary")
+        _line(stdout, f"  {summary}" if summary else f"  details: {json.dumps(preview.details)}")
     if budget:
         _line(stdout, f"  budget: {json.dumps(budget)}")
     if active is not None:

@@ -167,6 +167,7 @@ class Preview:
     scope: dict
     count: int
     estimate: dict = field(default_factory=dict)
+    details: dict | None = None  # the definition's preview_details, if it has them
 
 
 def _per_item_cost(defn: TaskDefinition) -> dict:
@@ -203,7 +204,8 @@ def preview_count(*, task_key: str, scope: Any) -> Preview:
             + estimate["bytes"] / 1e9 * settings.PICSITE_PRICE_PER_GB,
             4,
         )
-    return Preview(task_key=task_key, scope=normalized, count=count, estimate=estimate)
+    details = defn.preview_details(normalized) if defn.preview_details is not None else None
+    return Preview(task_key=task_key, scope=normalized, count=count, estimate=estimate, details=details)
 
 
 # --- create -----------------------------------------------------------------------------

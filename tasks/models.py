@@ -182,3 +182,17 @@ class AdminTaskItem(models.Model):
 
     def __str__(self) -> str:
         return f"item {self.item_id} of run #{self.run_id} ({self.state})"
+
+
+class KeyShard(models.Model):
+    """One shard of a content-addressed key space: the keys whose hash starts with
+    ``prefix`` (two hex digits, "00".."ff"; id = 1 + its value). The engine walks rows by
+    id, so a task over a key space rather than over rows (the variants collector) takes
+    these as its items. Created on demand (``tasks.definitions.variants_gc``), since
+    nothing else writes them and a flushed database has none."""
+
+    id = models.PositiveSmallIntegerField(primary_key=True)
+    prefix = models.CharField(max_length=8, unique=True)
+
+    def __str__(self) -> str:
+        return f"shard {self.prefix}"

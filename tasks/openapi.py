@@ -219,7 +219,7 @@ def _components(scope_schemas: dict[str, Schema]) -> Schema:
         },
         "Preview": {
             "type": "object",
-            "required": ["task_key", "scope", "count", "estimate"],
+            "required": ["task_key", "scope", "count", "estimate", "details"],
             "properties": {
                 "task_key": {"type": "string"},
                 "scope": {"type": "object"},
@@ -234,6 +234,14 @@ def _components(scope_schemas: dict[str, Schema]) -> Schema:
                         "basis": {"type": "string", "enum": ["history", "default"]},
                         "money": {"type": "number"},
                     },
+                },
+                "details": {
+                    "type": "object",
+                    "nullable": True,
+                    "description": "Task-specific figures, null for tasks without them. variants-gc: objects and "
+                    "bytes to reclaim (superseded_sets, deleted_images, orphans, their totals objects and bytes, "
+                    "orphans_counted false when the storage listing was skipped or stopped at its time limit, "
+                    "and a one-line summary).",
                 },
             },
         },

@@ -111,6 +111,9 @@ class TaskDefinition:
     rescue_scope: Callable[[], dict | None] | None = None
     # Scope a push tick may start a run with when none is active (None: never).
     idle_scope: dict | None = None
+    # Task-specific figures for a preview (normalized scope -> JSON-able dict), shown beside
+    # the item count: e.g. the objects and bytes a collector would reclaim. None: none.
+    preview_details: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
 
 _REGISTRY: dict[str, TaskDefinition] = {}

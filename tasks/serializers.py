@@ -88,4 +88,5 @@ def preview_to_dict(preview: engine.Preview) -> dict[str, Any]:
         "scope": preview.scope,
         "count": preview.count,
         "estimate": preview.estimate,
+        "details": preview.details,
     }

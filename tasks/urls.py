@@ -14,6 +14,7 @@ from tasks import api
 TASK_API_PREFIXES: dict[str, str] = {
     "preprocess-tasks": "preprocess-images",
     "tasks": "metadata-refresh",
+    "variants-gc-tasks": "variants-gc",
 }
 
 

@@ -45,13 +45,15 @@ def test_staff_sees_one_panel_per_task(client, staff_user):
     html = response.content.decode()
     assert 'data-testid="panel-preprocess-images"' in html
     assert 'data-testid="panel-metadata-refresh"' in html
+    assert 'data-testid="panel-variants-gc"' in html
     assert f"panel-{TEST_TASK_KEY}" not in html  # test-* tasks are hidden
     # Each panel talks to its own API prefix.
     assert 'data-api-base="/api/v1/preprocess-tasks/"' in html
     assert 'data-api-base="/api/v1/tasks/"' in html
-    # Controls the browser tests and the script rely on.
+    assert 'data-api-base="/api/v1/variants-gc-tasks/"' in html
+    # Controls the browser tests and the script rely on: one of each per panel.
     for testid in ("start", "cancel", "retry", "progress-bar", "status", "count", "failed-items", "recent-runs", "chart"):
-        assert html.count(f'data-testid="{testid}"') == 2, testid
+        assert html.count(f'data-testid="{testid}"') == 3, testid
     assert "tasks/tasks.js" in html and "tasks/tasks.css" in html
     assert "cdn" not in html.lower()
 

@@ -364,5 +364,7 @@ def test_tasks_page_shows_controls_only_with_run_tasks(staff_user_no_perms, staf
 
     html = session(staff_user).get(PAGE).content.decode()
     assert 'data-can-run="true"' in html
+    panels = html.count('data-testid="panel-')
+    assert panels == 3  # preprocess-images, metadata-refresh, variants-gc
     for control in ("start", "cancel", "retry", "budget-items"):
-        assert html.count(f'data-testid="{control}"') == 2, control
+        assert html.count(f'data-testid="{control}"') == panels, control  # one per panel

@@ -269,6 +269,8 @@
         countEl.textContent = fmtInt(self.count);
         countEl.setAttribute("data-count", String(self.count));
         estEl.textContent = self.count > 0 ? self.describeEstimate(data.estimate || {}) : "nothing to do";
+        // The task's own figures (variants-gc: objects and bytes to reclaim).
+        if (data.details && data.details.summary) estEl.textContent += " — " + data.details.summary;
         self.updateButtons();
       },
       function (err) {
