@@ -14,6 +14,7 @@ Modules, in the order an original goes through them:
 - ``metadata``: EXIF, orientation, capture time, GPS; ``inspect_image``;
 - ``colour``: pixel modes and ICC/Lab/CMYK to sRGB;
 - ``decode``: ``decode_for_variants``, upright sRGB pixels shrunk on load;
+- ``formats``: the output formats (data: MIME, encoder options, ``<picture>`` order);
 - ``variants``: the recipe, the tier ladder, encoding;
 - ``blurhash``: the placeholder hash.
 """
@@ -25,10 +26,19 @@ import pillow_heif
 from gallery.imaging.blurhash import compute_blurhash
 from gallery.imaging.decode import SOURCE_SIZE_KEY, decode_for_variants
 from gallery.imaging.errors import CancelledError, ImageRejected
-from gallery.imaging.metadata import PhotoMetadata, gps_coordinates, inspect_image
-from gallery.imaging.variants import (
+from gallery.imaging.formats import (
     CONTENT_TYPES,
     FORMATS,
+    OUTPUT_FORMATS,
+    OutputFormat,
+    fallback_format,
+    format_names,
+    output_format,
+    output_formats,
+    picture_formats,
+)
+from gallery.imaging.metadata import PhotoMetadata, gps_coordinates, inspect_image
+from gallery.imaging.variants import (
     PIPELINE_REVISION,
     VariantRecipe,
     default_encoder_threads,
@@ -43,10 +53,12 @@ pillow_heif.register_heif_opener()
 __all__ = [
     "CONTENT_TYPES",
     "FORMATS",
+    "OUTPUT_FORMATS",
     "PIPELINE_REVISION",
     "SOURCE_SIZE_KEY",
     "CancelledError",
     "ImageRejected",
+    "OutputFormat",
     "PhotoMetadata",
     "VariantRecipe",
     "compute_blurhash",
@@ -54,7 +66,12 @@ __all__ = [
     "default_encoder_threads",
     "encode_variant",
     "encoder_problems",
+    "fallback_format",
+    "format_names",
     "gps_coordinates",
     "inspect_image",
+    "output_format",
+    "output_formats",
+    "picture_formats",
     "render_tiers",
 ]

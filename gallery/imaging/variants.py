@@ -13,13 +13,12 @@ from functools import lru_cache
 from PIL import Image
 
 from gallery.imaging.decode import SOURCE_SIZE_KEY
+from gallery.imaging.formats import LEGACY_FORMATS, format_names, output_format, output_formats
 
-# Bump when the pixels this module produces change for the same recipe (resize/colour logic),
-# so VariantRecipe.version changes and stored variants get regenerated.
+# Bump when the pixels this module produces change for the same recipe (resize/colour logic,
+# a format's fixed encoder options), so VariantRecipe.version changes and stored variants get
+# regenerated.
 PIPELINE_REVISION = 1
-
-FORMATS = ("avif", "webp")
-CONTENT_TYPES = {"avif": "image/avif", "webp": "image/webp"}
 
 
 @dataclass(frozen=True)
@@ -51,14 +50,11 @@ class VariantRecipe:
     @property
     def version(self) -> str:
         # encoder_threads is excluded: it changes speed, not the bytes we store.
-        payload = {
-            "rev": PIPELINE_REVISION,
-            "widths": sorted(set(self.widths)),
-            "avif_quality": self.avif_quality,
-            "avif_speed": self.avif_speed,
-            "webp_quality": self.webp_quality,
-            "webp_method": self.webp_method,
-        }
+        payload = {"rev": PIPELINE_REVISION, "widths": sorted(set(self.widths))}
+        for fmt in output_formats():
+            payload.update({field: getattr(self, field) for field in fmt.recipe_fields})
+        if sorted(format_names()) != sorted(LEGACY_FORMATS):
+            payload["formats"] = sorted(format_names())
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
@@ -114,38 +110,21 @@ def default_encoder_threads(workers: int | None = None) -> int:
 
 
 def encode_variant(img: Image.Image, fmt: str, recipe: VariantRecipe) -> bytes:
-    """Encode one tier as AVIF or WebP, with no EXIF/XMP/ICC (pixels are already sRGB)."""
+    """Encode one tier in output format ``fmt`` (see ``formats``), with no EXIF/XMP/ICC
+    (pixels are already sRGB)."""
+    spec = output_format(fmt)
     if img.mode not in ("RGB", "RGBA"):
         img = img.convert("RGBA" if img.has_transparency_data else "RGB")
+    threads = recipe.encoder_threads or default_encoder_threads()
     buf = io.BytesIO()
-    if fmt == "avif":
-        threads = recipe.encoder_threads or default_encoder_threads()
-        img.save(
-            buf,
-            "AVIF",
-            quality=recipe.avif_quality,
-            speed=recipe.avif_speed,
-            max_threads=threads,
-            # libaom's row-based multithreading makes the bitstream depend on the thread count
-            # for tall frames (2560x3413: 1 thread != 2); tile threading does not. Keys are
-            # immutable and the thread count is not in them, so the bytes must not vary.
-            advanced={"row-mt": "0"},
-            icc_profile=b"",
-            exif=b"",
-            xmp=b"",
-        )
-    elif fmt == "webp":
-        img.save(
-            buf,
-            "WEBP",
-            quality=recipe.webp_quality,
-            method=recipe.webp_method,
-            icc_profile=b"",
-            exif=b"",
-            xmp=b"",
-        )
-    else:
-        raise ValueError(f"unknown variant format {fmt!r}; expected one of {FORMATS}")
+    img.save(
+        buf,
+        spec.pillow_format,
+        **spec.save_options(recipe, threads),
+        icc_profile=b"",
+        exif=b"",
+        xmp=b"",
+    )
     return buf.getvalue()
 
 
@@ -160,14 +139,13 @@ def encoder_problems() -> tuple[str, ...]:
     probe = Image.new("RGB", (16, 16), (200, 40, 40))
     recipe = VariantRecipe(encoder_threads=1)
     problems = []
-    for fmt in FORMATS:
+    for fmt in output_formats():
         try:
-            if not encode_variant(probe, fmt, recipe):
+            if not encode_variant(probe, fmt.name, recipe):
                 raise ValueError("the encoder wrote nothing")
         except Exception as exc:
-            label = "WebP" if fmt == "webp" else fmt.upper()
             problems.append(
-                f"This Pillow ({Image.__version__}) cannot encode {label} "
-                f"({type(exc).__name__}: {exc}), so no {label} variant can be made."
+                f"This Pillow ({Image.__version__}) cannot encode {fmt.label} "
+                f"({type(exc).__name__}: {exc}), so no {fmt.label} variant can be made."
             )
     return tuple(problems)
