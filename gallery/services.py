@@ -393,9 +393,9 @@ def preprocess_image(
     claim_seconds: float | None = None,
     force: bool = False,
 ) -> VariantOutcome:
-    """Generate and store every tier (AVIF + WebP) of one image, smallest first.
+    """Generate and store every tier of one image in every output format, smallest first.
 
-    ``ready_max_width`` is written after *both* objects of a tier are stored, so it
+    ``ready_max_width`` is written after *every* object of a tier is stored, so it
     always names a complete tier. Tiers already stored with the current recipe are
     not redone, so a retry resumes where a failure stopped. Raises ImageBusy,
     CancelledError, VariantGenerationError (``stage``/``code``), or
@@ -574,7 +574,7 @@ def _store_tiers(
             cancel()
             key = variant_key(folder=target.folder, image_key=image.image_key, width=width, fmt=fmt, key_version=target.key_version)
             try:
-                stored = storage.put(key, payload, imaging.CONTENT_TYPES[fmt])
+                stored = storage.put(key, payload, imaging.output_format(fmt).mime_type)
             except VariantOverwriteRefused as exc:
                 # Not an outage and not worth a retry: the same key would get the same bytes.
                 raise VariantGenerationError(stage="upload", code="variant_overwrite_refused", message=str(exc)) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 
 import pytest
 from PIL import Image
@@ -60,3 +61,42 @@ def test_adding_a_format_is_one_entry(monkeypatch):
     assert VariantRecipe().version != before
     with pytest.raises(ValueError, match="unknown variant format 'gif'"):
         encode_variant(Image.new("RGB", (8, 8)), "gif", VariantRecipe())
+
+
+@pytest.mark.django_db
+def test_a_new_format_entry_flows_to_storage_pages_and_api(corpus, local_storage, monkeypatch, admin_client):
+    """Nothing outside the formats data names a format: with one more entry, generation,
+    storage, the collector's key parser, the <picture> and the API all carry it."""
+    from gallery.services import image_ingest, preprocess_image
+    from gallery.storage import variant_key_parse
+    from tests.variants_support import served_key
+
+    path = corpus / "photos/flower_exif_icc.webp"  # 300 px wide: one tier at its own width
+    image = image_ingest(data=path.read_bytes(), filename=path.name).image
+    monkeypatch.setattr(formats, "OUTPUT_FORMATS", (JPEG, *OUTPUT_FORMATS))
+    content_types = {}
+    put = local_storage.put
+
+    def recording_put(key, data, content_type):
+        content_types[key.rsplit(".", 1)[-1]] = content_type
+        return put(key, data, content_type)
+
+    monkeypatch.setattr(local_storage, "put", recording_put)
+    assert preprocess_image(image, local_storage).variants_ready
+
+    image.refresh_from_db()
+    assert image.serving_set.formats == ["jpeg", "avif", "webp"]
+    assert content_types == {"jpeg": "image/jpeg", "avif": "image/avif", "webp": "image/webp"}
+    key = served_key(image, width=300, fmt="jpeg")
+    assert variant_key_parse(folder=local_storage.folder, key=key)["fmt"] == "jpeg"
+
+    html = admin_client.get("/").content.decode()
+    picture = html[html.index("<picture>") : html.index("</picture>")]
+    assert re.findall(r'<source type="([^"]+)"', picture) == ["image/jpeg", "image/avif", "image/webp"]
+    assert '.webp" width="300"' in picture  # the <img> stays on the fallback format
+
+    urls = admin_client.get(f"/api/v1/images/{image.pk}").json()["variants"]["serving"]["urls"]
+    assert set(urls) == {"jpeg", "avif", "webp"}
+    served = admin_client.get(urls["jpeg"]["300"])
+    assert served.status_code == 200 and served["Content-Type"] == "image/jpeg"
+    assert b"".join(served.streaming_content).startswith(b"\xff\xd8\xff")
