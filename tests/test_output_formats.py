@@ -64,7 +64,9 @@ def test_adding_a_format_is_one_entry(monkeypatch):
 
 
 @pytest.mark.django_db
-def test_a_new_format_entry_flows_to_storage_pages_and_api(corpus, local_storage, monkeypatch, admin_client):
+def test_a_new_format_entry_flows_to_storage_pages_and_api(
+    corpus, local_storage, monkeypatch, admin_client
+):
     """Nothing outside the formats data names a format: with one more entry, generation,
     storage, the collector's key parser, the <picture> and the API all carry it."""
     from gallery.services import image_ingest, preprocess_image
@@ -92,7 +94,11 @@ def test_a_new_format_entry_flows_to_storage_pages_and_api(corpus, local_storage
 
     html = admin_client.get("/").content.decode()
     picture = html[html.index("<picture>") : html.index("</picture>")]
-    assert re.findall(r'<source type="([^"]+)"', picture) == ["image/jpeg", "image/avif", "image/webp"]
+    assert re.findall(r'<source type="([^"]+)"', picture) == [
+        "image/jpeg",
+        "image/avif",
+        "image/webp",
+    ]
     assert '.webp" width="300"' in picture  # the <img> stays on the fallback format
 
     urls = admin_client.get(f"/api/v1/images/{image.pk}").json()["variants"]["serving"]["urls"]
