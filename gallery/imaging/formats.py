@@ -57,25 +57,13 @@ def _webp_options(recipe: VariantRecipe, threads: int) -> dict[str, Any]:
     return {"quality": recipe.webp_quality, "method": recipe.webp_method}
 
 
+# fmt: off
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = (
-    OutputFormat(
-        name="avif",
-        mime_type="image/avif",
-        label="AVIF",
-        pillow_format="AVIF",
-        save_options=_avif_options,
-        recipe_fields=("avif_quality", "avif_speed"),
-    ),
-    OutputFormat(
-        name="webp",
-        mime_type="image/webp",
-        label="WebP",
-        pillow_format="WEBP",
-        save_options=_webp_options,
-        recipe_fields=("webp_quality", "webp_method"),
-        fallback=True,
-    ),
+    #            name    MIME type     label   Pillow  save options   recipe fields                 fallback
+    OutputFormat("avif", "image/avif", "AVIF", "AVIF", _avif_options, ("avif_quality", "avif_speed")),
+    OutputFormat("webp", "image/webp", "WebP", "WEBP", _webp_options, ("webp_quality", "webp_method"), True),
 )
+# fmt: on
 
 # The formats of every recipe version made before formats were data: implied, not hashed.
 LEGACY_FORMATS = ("avif", "webp")
