@@ -425,7 +425,7 @@ def sweep(limit: int | None, qualities: bool) -> None:
 
 def cascade_check(limit: int | None) -> None:
     """Cascaded tiers (each from the next larger) vs each tier from the shared intermediate."""
-    import gallery.imaging as imaging
+    from gallery.imaging import variants
 
     diffs = []
     print("| photo | cascade SSIM | direct SSIM | direct - cascade | cascade s | direct s |")
@@ -434,13 +434,13 @@ def cascade_check(limit: int | None) -> None:
         widths = make_recipe().tier_widths(refs.original.width)
         out = {}
         for cascade in (True, False):
-            imaging._CASCADE = cascade
+            variants._CASCADE = cascade
             start = time.perf_counter()
             tiers = list(render_tiers(img, widths))
             took = time.perf_counter() - start
             scores = [ssim(refs.at(t.size), luma(t)) for _w, t in tiers]
             out[cascade] = (sum(scores) / len(scores), took)
-        imaging._CASCADE = True
+        variants._CASCADE = True
         diff = out[False][0] - out[True][0]
         diffs.append(diff)
         print(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from django.shortcuts import get_object_or_404
 
+from gallery.imaging.formats import fallback_format, picture_formats
 from gallery.models import Image, VariantSet, VariantSetState
 from gallery.storage import (
     VariantStorageNotConfigured,
@@ -31,12 +32,20 @@ class GalleryPage:
 
 
 @dataclass(frozen=True)
+class PictureSource:
+    """One ``<source>`` of a ``<picture>``."""
+
+    fmt: str
+    mime_type: str
+    srcset: str
+
+
+@dataclass(frozen=True)
 class PictureSources:
     """What ``gallery/_picture.html`` needs. ``has_sources`` False = placeholder only."""
 
-    avif_srcset: str = ""
-    webp_srcset: str = ""
-    src: str = ""
+    sources: tuple[PictureSource, ...] = ()  # in <picture> order (gallery.imaging.formats)
+    src: str = ""  # in the set's fallback format
     width: int = 0  # of ``src``
     height: int = 0
     sizes: str = "100vw"
@@ -47,6 +56,10 @@ class PictureSources:
     @property
     def has_sources(self) -> bool:
         return bool(self.src)
+
+    def srcset(self, fmt: str) -> str:
+        """The ``srcset`` of format ``fmt`` ("" when the set has none)."""
+        return next((source.srcset for source in self.sources if source.fmt == fmt), "")
 
 
 def gallery_page(*, before_id: int | None, page_size: int) -> GalleryPage:
@@ -98,7 +111,7 @@ def variant_store_or_none() -> VariantStore | None:
 def _served(image: Image, stores: VariantStores) -> tuple[VariantSet, VariantStore, list[int]] | None:
     """The serving set, its store and its ready widths, or None when nothing can be shown."""
     vset = image.serving_set
-    if vset is None or image.width <= 0 or image.height <= 0:
+    if vset is None or image.width <= 0 or image.height <= 0 or fallback_format(vset.formats) is None:
         return None
     store = stores.get(vset.storage_kind, vset.folder)
     widths = vset.ready_widths
@@ -113,8 +126,9 @@ def variant_url(*, image: Image, vset: VariantSet, store: VariantStore, width: i
 
 
 def image_sources(*, image: Image, stores: VariantStores, sizes: str = "100vw") -> PictureSources:
-    """``srcset``/``src`` for the ready tiers of the image's serving set (from that record
-    alone, never from current settings); none if nothing is ready."""
+    """``<source>``s and ``src`` for the ready tiers of the image's serving set, in the formats
+    that set has (from that record alone, never from current settings); none if nothing is
+    ready."""
     aspect = {
         "aspect_width": image.width or 1,
         "aspect_height": image.height or 1,
@@ -131,9 +145,11 @@ def image_sources(*, image: Image, stores: VariantStores, sizes: str = "100vw") 
 
     largest = widths[-1]
     return PictureSources(
-        avif_srcset=", ".join(f"{url(w, 'avif')} {w}w" for w in widths),
-        webp_srcset=", ".join(f"{url(w, 'webp')} {w}w" for w in widths),
-        src=url(largest, "webp"),
+        sources=tuple(
+            PictureSource(fmt=fmt.name, mime_type=fmt.mime_type, srcset=", ".join(f"{url(w, fmt.name)} {w}w" for w in widths))
+            for fmt in picture_formats(vset.formats)
+        ),
+        src=url(largest, fallback_format(vset.formats).name),
         width=largest,
         height=max(1, round(largest * image.height / image.width)),
         **aspect,
@@ -141,12 +157,13 @@ def image_sources(*, image: Image, stores: VariantStores, sizes: str = "100vw") 
 
 
 def image_thumbnail_url(*, image: Image, stores: VariantStores) -> str:
-    """URL of the smallest ready WebP of the serving set, or "" when none is ready."""
+    """URL of the smallest ready tier of the serving set in its fallback format (WebP), or ""
+    when none is ready."""
     served = _served(image, stores)
     if served is None:
         return ""
     vset, store, widths = served
-    return variant_url(image=image, vset=vset, store=store, width=widths[0], fmt="webp")
+    return variant_url(image=image, vset=vset, store=store, width=widths[0], fmt=fallback_format(vset.formats).name)
 
 
 def image_variant_sets(*, image: Image, stores: VariantStores) -> dict:

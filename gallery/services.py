@@ -393,9 +393,9 @@ def preprocess_image(
     claim_seconds: float | None = None,
     force: bool = False,
 ) -> VariantOutcome:
-    """Generate and store every tier (AVIF + WebP) of one image, smallest first.
+    """Generate and store every tier of one image in every output format, smallest first.
 
-    ``ready_max_width`` is written after *both* objects of a tier are stored, so it
+    ``ready_max_width`` is written after *every* object of a tier is stored, so it
     always names a complete tier. Tiers already stored with the current recipe are
     not redone, so a retry resumes where a failure stopped. Raises ImageBusy,
     CancelledError, VariantGenerationError (``stage``/``code``), or
@@ -447,9 +447,8 @@ def _generate(
     with _low_memory_slot(data, meta, cancel) as low_memory:
         if low_memory:
             recipe = replace(recipe, encoder_threads=1)
-        return _encode_and_store(
-            image, data, meta, token=token, target=target, storage=storage, cancel=cancel, recipe=recipe, force=force
-        )
+        writer = _SetWriter(image=image, meta=meta, token=token, target=target, storage=storage, cancel=cancel, recipe=recipe)
+        return _encode_and_store(writer, data, force=force)
 
 
 @contextmanager
@@ -504,22 +503,25 @@ def _low_memory_slot(data: bytes, meta: imaging.PhotoMetadata, cancel: CancelChe
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _encode_and_store(
-    image: Image,
-    data: bytes,
-    meta: imaging.PhotoMetadata,
-    *,
-    token: str,
-    target: VariantSet,
-    storage: VariantStore,
-    cancel: CancelCheck,
-    recipe: VariantRecipe,
-    force: bool,
-) -> VariantOutcome:
-    widths = target.widths
+@dataclass(frozen=True)
+class _SetWriter:
+    """One generation's writes: the image (under claim ``token``) and its metadata, the target
+    set and its storage, the recipe, and the cancel check polled between steps."""
+
+    image: Image
+    meta: imaging.PhotoMetadata
+    token: str
+    target: VariantSet
+    storage: VariantStore
+    cancel: CancelCheck
+    recipe: VariantRecipe
+
+
+def _encode_and_store(writer: _SetWriter, data: bytes, *, force: bool) -> VariantOutcome:
+    image, target = writer.image, writer.target
     try:
         source = imaging.decode_for_variants(
-            data, max_pixels=settings.PICSITE_MAX_PIXELS, target_width=widths[-1], cancel=cancel
+            data, max_pixels=settings.PICSITE_MAX_PIXELS, target_width=target.widths[-1], cancel=writer.cancel
         )
     except ImageRejected as exc:
         raise VariantGenerationError(stage="decode", code=exc.code, message=exc.message) from exc
@@ -533,29 +535,18 @@ def _encode_and_store(
     del source  # only the generator holds the full decode now: it is freed once tiers exist
     try:
         with _set_writes(image.pk):
-            _store_tiers(image, tiers, meta, token=token, target=target, storage=storage, cancel=cancel, recipe=recipe, outcome=outcome, written=written)
+            _store_tiers(writer, tiers, outcome=outcome, written=written)
     except ImageGone:
         # Deleted while we worked: the delete removed what existed then; remove what we
         # stored since, so nothing of the photo stays public.
         for key in written:
-            _delete_quietly(storage, key)
+            _delete_quietly(writer.storage, key)
         raise
     return outcome
 
 
-def _store_tiers(
-    image: Image,
-    tiers: Iterator,
-    meta: imaging.PhotoMetadata,
-    *,
-    token: str,
-    target: VariantSet,
-    storage: VariantStore,
-    cancel: CancelCheck,
-    recipe: VariantRecipe,
-    outcome: VariantOutcome,
-    written: list[str],
-) -> None:
+def _store_tiers(writer: _SetWriter, tiers: Iterator, *, outcome: VariantOutcome, written: list[str]) -> None:
+    image, meta, token, target, cancel = writer.image, writer.meta, writer.token, writer.target, writer.cancel
     blurhash = image.blurhash
     for width, tier in tiers:
         cancel()
@@ -568,13 +559,13 @@ def _store_tiers(
         for fmt in target.formats:
             cancel()
             try:
-                payload = imaging.encode_variant(tier, fmt, recipe)
+                payload = imaging.encode_variant(tier, fmt, writer.recipe)
             except Exception as exc:
                 raise VariantGenerationError(stage="encode", code="variant_generation_failed", message=f"{fmt} {width}px: {exc}") from exc
             cancel()
             key = variant_key(folder=target.folder, image_key=image.image_key, width=width, fmt=fmt, key_version=target.key_version)
             try:
-                stored = storage.put(key, payload, imaging.CONTENT_TYPES[fmt])
+                stored = writer.storage.put(key, payload, imaging.output_format(fmt).mime_type)
             except VariantOverwriteRefused as exc:
                 # Not an outage and not worth a retry: the same key would get the same bytes.
                 raise VariantGenerationError(stage="upload", code="variant_overwrite_refused", message=str(exc)) from exc

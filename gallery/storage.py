@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from itertools import islice
 from pathlib import Path
 from typing import Protocol
@@ -25,14 +26,15 @@ from django.core.exceptions import SuspiciousFileOperation
 from django.core.files.storage import FileSystemStorage
 
 from gallery.audit import audit_record
+from gallery.imaging.formats import format_names, output_formats
 
 logger = logging.getLogger(__name__)
 
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 
 # Python 3.11's mimetypes table has no AVIF.
-mimetypes.add_type("image/avif", ".avif")
-mimetypes.add_type("image/webp", ".webp")
+for _fmt in output_formats():
+    mimetypes.add_type(_fmt.mime_type, f".{_fmt.name}")
 
 
 class VariantStorageNotConfigured(Exception):
@@ -139,11 +141,15 @@ def variant_key(*, folder: str, image_key: str, width: int, fmt: str, key_versio
     return f"{folder.strip('/')}/{name}" if folder.strip("/") else name
 
 
-# Our keys under a folder, versioned or legacy (anything else in a shared bucket is not ours).
-VARIANT_KEY_PATTERN = re.compile(
-    r"^variants/(?:(?P<shard>[0-9a-f]{2})/)?(?P<digest>[0-9a-f]{32})"
-    r"(?:_(?P<key_version>[0-9a-f]{12}))?_(?P<width>[1-9][0-9]{0,5})\.(?P<fmt>avif|webp)$"
-)
+@lru_cache(maxsize=4)
+def _variant_key_pattern(fmts: tuple[str, ...]) -> re.Pattern[str]:
+    """Our keys under a folder, versioned or legacy, in one of the output formats (anything
+    else in a shared bucket is not ours)."""
+    return re.compile(
+        r"^variants/(?:(?P<shard>[0-9a-f]{2})/)?(?P<digest>[0-9a-f]{32})"
+        r"(?:_(?P<key_version>[0-9a-f]{12}))?_(?P<width>[1-9][0-9]{0,5})"
+        rf"\.(?P<fmt>{'|'.join(map(re.escape, fmts))})$"
+    )
 
 
 def variant_key_parse(*, folder: str, key: str) -> dict | None:
@@ -153,7 +159,7 @@ def variant_key_parse(*, folder: str, key: str) -> dict | None:
     prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
     if not key.startswith(prefix):
         return None
-    match = VARIANT_KEY_PATTERN.match(key[len(prefix) :])
+    match = _variant_key_pattern(format_names()).match(key[len(prefix) :])
     if match is None:
         return None
     parts = match.groupdict()

@@ -99,7 +99,7 @@ def variant_set_target(
                 storage_kind=storage.kind,
                 folder=storage.folder,
                 widths=sorted(widths),
-                formats=list(imaging.FORMATS),
+                formats=list(imaging.format_names()),
             )
         elif vset.state != state:
             # A superseded set of this very key version is wanted again (the recipe went

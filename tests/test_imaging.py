@@ -11,7 +11,6 @@ import random
 from datetime import UTC, datetime
 from pathlib import Path
 
-import blurhash
 import numpy as np
 import pytest
 from PIL import ExifTags, Image, ImageChops, ImageCms, TiffImagePlugin
@@ -31,6 +30,7 @@ from gallery.imaging import (
     inspect_image,
     render_tiers,
 )
+from gallery.imaging.blurhash import blurhash_encode
 
 
 def _corpus() -> Path:
@@ -582,8 +582,42 @@ def test_encode_rejects_unknown_format() -> None:
         encode_variant(Image.new("RGB", (4, 4)), "jpeg", RECIPE)
 
 
+BASE83 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz#$%*+,-.:;=?@[]^_{|}~"
+
+
 def _is_blurhash(value: str) -> bool:
-    return len(value) == 28 and blurhash.is_valid_blurhash(value)
+    """Decode-free: 4x3 components (size flag "L"), 1 + 1 + 4 + 11 * 2 base-83 digits."""
+    return len(value) == 28 and value[0] == "L" and set(value) <= set(BASE83)
+
+
+def _blurhash_pixels(value: str, width: int, height: int) -> np.ndarray:
+    """A (height, width, 3) sRGB rendering of a hash, after the reference decoder."""
+
+    def number(digits: str) -> int:
+        return sum(BASE83.index(c) * 83**i for i, c in enumerate(reversed(digits)))
+
+    def linear(srgb: np.ndarray) -> np.ndarray:
+        v = srgb / 255
+        return np.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+    size = number(value[0])
+    nx, ny = size % 9 + 1, size // 9 + 1
+    maximum = (number(value[1]) + 1) / 166
+    dc = number(value[2:6])
+    colours = [linear(np.array([dc >> 16, dc >> 8 & 255, dc & 255], dtype=float))]
+    for i in range(1, nx * ny):
+        ac = number(value[4 + 2 * i : 6 + 2 * i])
+        quant = np.array([ac // 361, ac // 19 % 19, ac % 19], dtype=float)
+        colours.append(np.sign(quant - 9) * ((quant - 9) / 9) ** 2 * maximum)
+    xs, ys = np.arange(width), np.arange(height)
+    out = np.zeros((height, width, 3))
+    for j in range(ny):
+        for i in range(nx):
+            basis = np.outer(np.cos(np.pi * j * ys / height), np.cos(np.pi * i * xs / width))
+            out += basis[..., None] * colours[i + j * nx]
+    v = np.clip(out, 0, 1)
+    srgb = np.where(v <= 0.0031308, v * 12.92, 1.055 * v ** (1 / 2.4) - 0.055)
+    return np.floor(srgb * 255 + 0.5).astype(np.uint8)
 
 
 @needs_corpus
@@ -613,8 +647,67 @@ def test_blurhash_edge_inputs(img: Image.Image) -> None:
 
 def test_blurhash_fully_transparent_is_white() -> None:
     value = compute_blurhash(Image.new("RGBA", (30, 20), (0, 0, 0, 0)))
-    pixels = blurhash.decode(value, 4, 4)
-    assert all(lo > 240 for lo, _hi in pixels.getextrema())
+    pixels = _blurhash_pixels(value, 4, 4)
+    assert pixels.min() > 240
+
+
+def test_blurhash_of_the_reference_example() -> None:
+    # The example of github.com/woltapp/blurhash Algorithm.md, whose input is blurhash-python's
+    # tests/pic2.png (see tests/data/README.md), encoded whole as its tests do.
+    with Image.open(Path(__file__).parent / "data" / "blurhash_pic2.webp") as img:
+        rgb = np.asarray(img.convert("RGB"))
+    assert blurhash_encode(rgb, 4, 3) == "LlMF%n00%#MwS|WCWEM{R*bbWBbH"
+
+
+# Known hashes: what blurhash-python 1.2.2 (Wolt's C encoder, which made every hash stored so
+# far) returned from compute_blurhash on the starting commit (150dae3), for
+# compute_blurhash(decode_for_variants(data, max_pixels=100_000_000, target_width=64)) as
+# image_ingest calls it; the transparent ones exercise the white background.
+KNOWN_CORPUS_HASHES = {
+    "photos/canon_g9_clouds_2560x1600.jpg": "LLD]xZIU4o%M_4WBIUt70Lxt%LRj",
+    "photos/iphone_dog_orientation6.jpg": "LFF={sEJ.7NI0J9sW8WF-;t79F-;",
+    "photos/embedgravitybird_rgba.png": "LFFi70~p%N%2E0t7xuxu?IxuInWB",
+    "photos/weld_16bit_rgb.png": "LB7,[PtR0}M{-=kXW?s+KjXA=y$%",
+    "edge/palette_trns.png": "LuMtjjo[_MsZa0j[SfbE~WnnNGo]",
+    "edge/grey_alpha_la.png": "LCSPX_?b~qxu-;t7RjRj~qWBD%of",
+    "edge/greyscale_concert.jpg": "LB7w?19F4n_3~qD%9F?bt7WBWBt7",
+    "edge/rgba_mostly_transparent_2048x1536.png": "L7T9L#_3of_3~qayayay?bRjWBM{",
+    "edge/cmyk_adobe_no_profile.jpg": "LF94yCwxWpo1,ZwxsUsU1^sU$5wx",
+}
+
+
+@needs_corpus
+@pytest.mark.parametrize(
+    ("rel", "expected"), KNOWN_CORPUS_HASHES.items(), ids=list(KNOWN_CORPUS_HASHES)
+)
+def test_blurhash_matches_the_known_hashes_of_corpus_photos(rel: str, expected: str) -> None:
+    img = decode_for_variants(_read(rel), max_pixels=MAX_PIXELS, target_width=64)
+    assert compute_blurhash(img) == expected
+
+
+@pytest.mark.parametrize(
+    ("img", "expected"),
+    [
+        # Known hashes from blurhash-python 1.2.2, as above.
+        (Image.new("RGB", (1, 1), (10, 20, 30)), "L31C={%%%%%%%%%%%%%%%%%%%%%%"),
+        (Image.new("RGBA", (300, 300), (0, 0, 0, 0)), "L4TSUA~qfQ~q~qj[fQj[fQfQfQfQ"),
+        (Image.new("RGBA", (7, 500), (255, 0, 0, 128)), "L~TNm*~W~W~WoLoLoLoLfQfQfQfQ"),
+        (Image.new("L", (100, 3), 128), "LZEyb[offQof~qj[fQj[fQfQfQfQ"),
+        (Image.new("RGBA", (30, 20), (0, 0, 0, 0)), "LGTSUA?bfQ?b~qoffQoffQfQfQfQ"),
+    ],
+    ids=["1x1", "transparent", "tall-rgba", "grey", "transparent-30x20"],
+)
+def test_blurhash_matches_the_known_hashes_of_synthetic_images(
+    img: Image.Image, expected: str
+) -> None:
+    assert compute_blurhash(img) == expected
+
+
+def test_blurhash_rejects_component_counts_outside_the_format() -> None:
+    rgb = np.zeros((4, 4, 3), dtype=np.uint8)
+    for x_components, y_components in ((0, 3), (4, 10)):
+        with pytest.raises(ValueError):
+            blurhash_encode(rgb, x_components, y_components)
 
 
 def test_default_encoder_threads() -> None:

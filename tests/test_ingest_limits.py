@@ -21,7 +21,7 @@ import pytest
 from PIL import Image, ImageCms, TiffImagePlugin
 
 from gallery import imaging
-from gallery.imaging import ImageRejected, decode_for_variants, inspect_image
+from gallery.imaging import ImageRejected, colour, decode_for_variants, inspect_image, sniffing
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 100_000_000
@@ -181,12 +181,12 @@ def test_tiff_with_30000_pages_is_rejected_after_walking_at_most_the_limit(tiff_
     assert info.value.code == "too_many_pixels"
     assert "1000" in info.value.message
     # Page 0 on open, then pages 1..limit: never the whole chain.
-    assert max(tiff_seeks) <= imaging._MAX_SEEK_FRAMES
-    assert len(tiff_seeks) <= imaging._MAX_SEEK_FRAMES + 2
+    assert max(tiff_seeks) <= sniffing.MAX_SEEK_FRAMES
+    assert len(tiff_seeks) <= sniffing.MAX_SEEK_FRAMES + 2
 
 
 def test_tiff_page_limit_boundary():
-    limit = imaging._MAX_SEEK_FRAMES
+    limit = sniffing.MAX_SEEK_FRAMES
     assert inspect_image(tiff_with_pages(limit), max_pixels=MAX_PIXELS).format == "TIFF"
     with pytest.raises(ImageRejected) as info:
         inspect_image(tiff_with_pages(limit + 1), max_pixels=MAX_PIXELS)
@@ -245,12 +245,12 @@ def _odd_mode_images(size: tuple[int, int]) -> dict[str, Image.Image]:
 @pytest.mark.parametrize("factor", [1, 3, 7])
 def test_tilewise_normalise_and_reduce_matches_whole_frame(monkeypatch, factor):
     size = (131, 97)  # not a multiple of any factor, so edge boxes are partial
-    monkeypatch.setattr(imaging, "_TILE_SIDE", 13)  # force many tiles
+    monkeypatch.setattr(colour, "_TILE_SIDE", 13)  # force many tiles
     for name, img in _odd_mode_images(size).items():
         assert img.mode == name.split("+")[0]
-        whole = imaging._normalise_mode(img)
+        whole = colour.normalise_mode(img)
         expected = whole.reduce(factor) if factor > 1 else whole
-        got = imaging._normalise_reduced(img, factor)
+        got = colour.normalise_reduced(img, factor)
         assert got.mode == expected.mode, name
         assert got.size == expected.size, name
         assert np.array_equal(np.asarray(got), np.asarray(expected)), name
