@@ -11,6 +11,7 @@ import logging
 import mimetypes
 import os
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -482,32 +483,52 @@ def variant_store_resolve() -> VariantStore:
 
 def variant_store_for(*, kind: str, folder: str) -> VariantStore:
     """The store of ``kind`` ("local" or "s3", configured from settings) under ``folder``:
-    where a recorded variant set lives, which may differ from where new sets go."""
+    where a recorded variant set lives, which may differ from where new sets go. Stores are
+    reused while their settings are unchanged (an S3 store builds a boto3 session and client,
+    about 50 ms; its client is per thread inside django-storages)."""
     kind = (kind or "").strip().lower()
     if kind == "local":
-        return LocalVariantStore(
-            root=str(settings.PICSITE_VARIANT_LOCAL_ROOT),
-            base_url=settings.PICSITE_VARIANT_LOCAL_URL,
-            folder=folder,
-        )
-    if kind == "s3":
+        config: tuple = ("local", folder, str(settings.PICSITE_VARIANT_LOCAL_ROOT), settings.PICSITE_VARIANT_LOCAL_URL)
+    elif kind == "s3":
         if not settings.PICSITE_S3_BUCKET:
             raise VariantStorageNotConfigured(
                 "PICSITE_VARIANT_STORAGE=s3 but PICSITE_S3_BUCKET is empty; variant generation is off."
             )
-        return S3VariantStore(
-            bucket=settings.PICSITE_S3_BUCKET,
-            region=settings.PICSITE_S3_REGION,
-            endpoint_url=settings.PICSITE_S3_ENDPOINT_URL,
-            public_base_url=settings.PICSITE_S3_PUBLIC_BASE_URL,
-            folder=folder,
-            access_key=settings.PICSITE_S3_ACCESS_KEY_ID,
-            secret_key=settings.PICSITE_S3_SECRET_ACCESS_KEY,
-            timeout_s=settings.PICSITE_S3_TIMEOUT_S,
+        config = (
+            "s3", folder, settings.PICSITE_S3_BUCKET, settings.PICSITE_S3_REGION, settings.PICSITE_S3_ENDPOINT_URL,
+            settings.PICSITE_S3_PUBLIC_BASE_URL, settings.PICSITE_S3_ACCESS_KEY_ID,
+            settings.PICSITE_S3_SECRET_ACCESS_KEY, settings.PICSITE_S3_TIMEOUT_S,
+        )  # fmt: skip
+    else:
+        raise VariantStorageNotConfigured(
+            f"PICSITE_VARIANT_STORAGE={kind or '(empty)'!s}: variant generation is off. "
+            "Set it to 'local' or 's3' (with PICSITE_S3_BUCKET)."
         )
-    raise VariantStorageNotConfigured(
-        f"PICSITE_VARIANT_STORAGE={kind or '(empty)'!s}: variant generation is off. "
-        "Set it to 'local' or 's3' (with PICSITE_S3_BUCKET)."
+    with _STORES_LOCK:
+        store = _STORES.get(config)
+        if store is None:
+            store = _STORES[config] = _build_store(config)
+        return store
+
+
+_STORES: dict[tuple, VariantStore] = {}
+_STORES_LOCK = threading.Lock()
+
+
+def _build_store(config: tuple) -> VariantStore:
+    if config[0] == "local":
+        _, folder, root, base_url = config
+        return LocalVariantStore(root=root, base_url=base_url, folder=folder)
+    _, folder, bucket, region, endpoint_url, public_base_url, access_key, secret_key, timeout_s = config
+    return S3VariantStore(
+        bucket=bucket,
+        region=region,
+        endpoint_url=endpoint_url,
+        public_base_url=public_base_url,
+        folder=folder,
+        access_key=access_key,
+        secret_key=secret_key,
+        timeout_s=timeout_s,
     )
 
 
