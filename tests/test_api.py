@@ -23,10 +23,10 @@ from django.utils import timezone
 from django_q.models import OrmQ
 from PIL import Image as PILImage
 
+from api.auth import api_token_create, api_token_revoke
+from api.push_sign import sign
 from gallery.models import Image
-from picsite.api_auth import api_token_create, api_token_revoke
 from picsite.models import ApiToken
-from picsite.push_sign import sign
 from tasks.models import AdminTaskItem, AdminTaskRun, ItemState, RunStatus
 from tests.engine_support import make_images
 from tests.live_server import server_env

@@ -20,8 +20,8 @@ from django.db import IntegrityError, transaction
 from django.test import Client
 from django.utils import timezone
 
+from api.auth import api_token_create
 from gallery.models import Image
-from picsite.api_auth import api_token_create
 from picsite.models import ApiToken
 from tasks.models import AdminTaskRun
 from tests.conftest import CORPUS

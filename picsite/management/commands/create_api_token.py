@@ -15,7 +15,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from picsite.api_auth import api_token_create
+from api.auth import api_token_create
 from picsite.models import SCOPE_ORDER
 
 
