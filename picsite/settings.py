@@ -81,8 +81,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_q",
+    "api",
     "gallery",
     "tasks",
+    # No models: only the migrations that created the api app's tables (picsite/apps.py).
     "picsite",
 ]
 

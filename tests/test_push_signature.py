@@ -15,8 +15,8 @@ from django.utils import timezone
 
 from api import push_sign
 from api.auth import api_token_create
+from api.models import PushSignatureUse
 from api.push_sign import sign
-from picsite.models import PushSignatureUse
 from tests.live_server import live_uvicorn
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -16,7 +16,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from api.auth import api_token_create
-from picsite.models import SCOPE_ORDER
+from api.models import SCOPE_ORDER
 
 
 def _positive_days(text: str) -> int:
