@@ -449,12 +449,6 @@ def api_schema(request: HttpRequest) -> JsonResponse:
     return JsonResponse(openapi_document())
 
 
-@csrf_exempt
-def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
-    """Anything else under /api/v1/: a JSON 404 (never Django's HTML page)."""
-    return api_error(404, "not_found", f"No API route at {request.path}.")
-
-
 # --- Server-Sent Events: GET runs/<id>/events -----------------------------------------------
 #
 # Every stream of this process shares one LISTEN connection (tasks.notify_hub); snapshots
