@@ -34,10 +34,10 @@ def bench(args, media: Path) -> dict:
     from django.contrib.auth import get_user_model
     from django.contrib.auth.models import Permission
 
+    from api.auth import api_token_create
     from gallery.models import Image
     from gallery.services import preprocess_image
     from gallery.storage import variant_store_resolve
-    from picsite.api_auth import api_token_create
     from tests.advertised_urls import AdvertisedUrlWatcher
     from tests.live_server import live_uvicorn
 

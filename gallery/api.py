@@ -1,7 +1,7 @@
 """JSON API: ``POST /api/v1/images`` (multipart upload of one or many photos) and
 ``GET /api/v1/images/<id>`` (one image with its serving and candidate variant sets).
 
-A thin adapter: auth via ``picsite.api_auth.api_authorize`` (a staff user with
+A thin adapter: auth via ``api.auth.api_authorize`` (a staff user with
 ``gallery.add_image``, as the admin's upload form requires; a token needs the
 ``write`` scope), the work in ``gallery.importer.ingest_uploads``. Every error is a
 JSON ``{"error": {...}}`` body.
@@ -14,11 +14,11 @@ from django.http import HttpRequest, JsonResponse
 from django.http.multipartparser import MultiPartParserError
 from django.views.decorators.csrf import csrf_exempt
 
+from api.auth import Access, ApiAuthError, api_authorize, api_error
 from gallery.importer import IngestItem, IngestSource, ingest_uploads
 from gallery.models import Image, VariantSet
 from gallery.selectors import VariantStores, image_variant_sets, variant_url
 from gallery.services import OriginalStorageError, variant_recipe_current
-from picsite.api_auth import Access, ApiAuthError, api_authorize, api_error
 
 FILE_FIELDS = ("file", "files")
 UPLOAD = Access(permission="gallery.add_image", scopes=("write",))

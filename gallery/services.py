@@ -282,10 +282,10 @@ def image_variants_enqueue(*, image_ids: list[int]) -> None:
 
 
 def _variants_enqueue_now(ids: list[int]) -> None:
-    from picsite import queue
+    from dispatch import django_q2
 
     try:
-        queue.enqueue_many("gallery.jobs.generate_variants_job", [(i, 1) for i in ids])
+        django_q2.enqueue_many("gallery.jobs.generate_variants_job", [(i, 1) for i in ids])
     except Exception:
         logger.exception("could not enqueue the variant jobs of images %s; they stay pending", ids)
 

@@ -8,16 +8,17 @@ worker and test processes share it; ``python -m picsite.embedded_pg stop`` stops
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
+
+from picsite.env import env
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PGDATA = PROJECT_ROOT / ".pgdata"
 
 
 def pgdata_dir() -> Path:
-    return Path(os.environ.get("PICSITE_PGDATA", DEFAULT_PGDATA))
+    return env.path("PICSITE_PGDATA", DEFAULT_PGDATA)
 
 
 def ensure_running() -> dict:

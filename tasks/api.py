@@ -5,9 +5,9 @@ into a dict (``tasks.serializers``). Every answer that is not a success is a JSO
 ``{"error": {"code", "message", "details"}}``: engine refusals map by their
 ``http_status``, so bad input is a 4xx, never a 500.
 
-Auth (``picsite.api_auth.api_authorize``): a bearer token, or a staff session that
+Auth (``api.auth.api_authorize``): a bearer token, or a staff session that
 passes CSRF on unsafe methods; ``POST tick`` also takes an HMAC-signed request
-(``picsite.push_sign``) so a cron job or a push service can drive the engine.
+(``api.push_sign``) so a cron job or a push service can drive the engine.
 Each handler declares what it needs (``@requires``): reading runs needs
 ``tasks.view_admintaskrun`` (token scope ``read``), changing them ``tasks.run_tasks``
 (scope ``write``; the tick route also takes scope ``tick``) — the admin's permissions.
@@ -36,10 +36,10 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, QueryDict, Stre
 from django.views.decorators.csrf import csrf_exempt
 from psycopg.conninfo import make_conninfo
 
+from api import push_sign
+from api.auth import Access, ApiAuthError, api_authorize, api_error
+from api.push_replay import push_signature_use_record
 from gallery.models import Image
-from picsite import push_sign
-from picsite.api_auth import Access, ApiAuthError, api_authorize, api_error
-from picsite.push_replay import push_signature_use_record
 from tasks import engine, registry, serializers
 from tasks.jobs import start_run_drains
 from tasks.models import PERM_RUN_TASKS, PERM_VIEW_RUNS, AdminTaskRun, RunStatus
@@ -447,12 +447,6 @@ def api_schema(request: HttpRequest) -> JsonResponse:
     from tasks.openapi import openapi_document
 
     return JsonResponse(openapi_document())
-
-
-@csrf_exempt
-def api_not_found(request: HttpRequest, rest: str = "") -> JsonResponse:
-    """Anything else under /api/v1/: a JSON 404 (never Django's HTML page)."""
-    return api_error(404, "not_found", f"No API route at {request.path}.")
 
 
 # --- Server-Sent Events: GET runs/<id>/events -----------------------------------------------

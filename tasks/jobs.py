@@ -17,7 +17,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from picsite.queue import BACKFILL_QUEUE, enqueue_many
+from dispatch.django_q2 import enqueue_many
+from dispatch.queues import BACKFILL_QUEUE
 from tasks import engine, registry
 from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
 

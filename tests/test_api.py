@@ -23,10 +23,10 @@ from django.utils import timezone
 from django_q.models import OrmQ
 from PIL import Image as PILImage
 
+from api.auth import api_token_create, api_token_revoke
+from api.models import ApiToken
+from api.push_sign import sign
 from gallery.models import Image
-from picsite.api_auth import api_token_create, api_token_revoke
-from picsite.models import ApiToken
-from picsite.push_sign import sign
 from tasks.models import AdminTaskItem, AdminTaskRun, ItemState, RunStatus
 from tests.engine_support import make_images
 from tests.live_server import server_env
@@ -625,7 +625,7 @@ def test_admin_creates_token_shown_once_and_revokes(client, django_user_model):
     admin_user = django_user_model.objects.create_superuser("root", "root@example.com", "pw-root-123")
     client.force_login(admin_user)
     response = client.post(
-        "/admin/picsite/apitoken/add/", {"user": admin_user.pk, "name": "from-admin", "scopes": ["read", "write"]}, follow=True
+        "/admin/api/apitoken/add/", {"user": admin_user.pk, "name": "from-admin", "scopes": ["read", "write"]}, follow=True
     )
     assert response.status_code == 200
     token = ApiToken.objects.get(name="from-admin")
@@ -635,11 +635,11 @@ def test_admin_creates_token_shown_once_and_revokes(client, django_user_model):
     assert token.prefix == raw[:8]
     assert Client(headers={"authorization": f"Bearer {raw}"}).get(f"{META}/runs").status_code == 200
 
-    listing = client.get("/admin/picsite/apitoken/")
+    listing = client.get("/admin/api/apitoken/")
     assert token.prefix in listing.content.decode()
     assert raw not in listing.content.decode()
     client.post(
-        "/admin/picsite/apitoken/",
+        "/admin/api/apitoken/",
         {"action": "revoke_tokens", "_selected_action": [token.pk]},
         follow=True,
     )

@@ -20,9 +20,9 @@ from django.db import IntegrityError, transaction
 from django.test import Client
 from django.utils import timezone
 
+from api.auth import api_token_create
+from api.models import ApiToken
 from gallery.models import Image
-from picsite.api_auth import api_token_create
-from picsite.models import ApiToken
 from tasks.models import AdminTaskRun
 from tests.conftest import CORPUS
 from tests.engine_support import make_images
@@ -34,7 +34,7 @@ META = "/api/v1/tasks"  # metadata-refresh
 PRE = "/api/v1/preprocess-tasks"  # preprocess-images
 UPLOAD = "/api/v1/images"
 VIEW_RUNS, RUN_TASKS, ADD_IMAGE = "tasks.view_admintaskrun", "tasks.run_tasks", "gallery.add_image"
-TOKEN_ADMIN = ("picsite.add_apitoken", "picsite.view_apitoken", "picsite.change_apitoken")
+TOKEN_ADMIN = ("api.add_apitoken", "api.view_apitoken", "api.change_apitoken")
 
 # Every task route and the permission it needs (run 1 does not exist: the check comes first).
 TASK_ROUTES = [
@@ -239,8 +239,8 @@ def test_create_api_token_command_scopes_and_expiry(staff_user, capsys):
 
 # --- minting tokens in the admin ---------------------------------------------------------------
 
-ADD = "/admin/picsite/apitoken/add/"
-LIST = "/admin/picsite/apitoken/"
+ADD = "/admin/api/apitoken/add/"
+LIST = "/admin/api/apitoken/"
 
 
 def add_form(user_pk: int, name: str, scopes=("read", "write"), **extra) -> dict:

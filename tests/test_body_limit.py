@@ -1,4 +1,4 @@
-"""Request bodies are refused by size before Django reads them (picsite.body_limit).
+"""Request bodies are refused by size before Django reads them (api.body_limit).
 
 A real uvicorn serves the ASGI application; a raw-socket client streams 200 MB at it,
 with ``Content-Length`` and chunked without one, and must get a 413 JSON answer while
@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 from PIL import Image as PILImage
 
+from api.auth import api_token_create
 from gallery.models import Image
-from picsite.api_auth import api_token_create
 from tests.live_server import live_uvicorn_process
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -189,7 +189,7 @@ def test_huge_body_is_refused_before_django_reads_it(server, method, path, chunk
 
 def test_signed_tick_with_a_huge_body_is_refused_too(server):
     """Signature headers change nothing: the size is checked before anyone reads the body."""
-    from picsite.push_sign import sign
+    from api.push_sign import sign
 
     headers = sign("edge-secret", "POST", "/api/v1/tasks/tick", b"")
     answer = stream_body(server, "POST", "/api/v1/tasks/tick", size=HUGE, chunked=True, headers=headers)

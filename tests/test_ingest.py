@@ -435,12 +435,12 @@ def test_ingest_uploads_commits_each_file_on_its_own(gallery_media, monkeypatch)
 
 @pytest.mark.django_db(transaction=True)
 def test_api_upload_survives_a_queue_failure_after_commit(api_client, gallery_media, monkeypatch, caplog):
-    import picsite.queue
+    import dispatch.django_q2
 
     def broken_enqueue(*args, **kwargs):
         raise OperationalError("simulated: the queue table is unreachable")
 
-    monkeypatch.setattr(picsite.queue, "enqueue_many", broken_enqueue)
+    monkeypatch.setattr(dispatch.django_q2, "enqueue_many", broken_enqueue)
     with caplog.at_level(logging.ERROR):
         response = api_client.post(API, {"file": [upload(photo(n)) for n in GOOD[:2]]})
 
@@ -457,10 +457,10 @@ def test_api_upload_survives_a_queue_failure_after_commit(api_client, gallery_me
 
 @pytest.mark.django_db(transaction=True)
 def test_import_photos_survives_a_queue_failure(gallery_media, monkeypatch):
-    import picsite.queue
+    import dispatch.django_q2
     from gallery import importer
 
-    monkeypatch.setattr(picsite.queue, "enqueue_many", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(dispatch.django_q2, "enqueue_many", lambda *a, **k: 1 / 0)
     report = importer.import_photos(paths=[photo(n) for n in GOOD[:2]])
 
     assert [item.status for item in report.items] == ["imported", "imported"]

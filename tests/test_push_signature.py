@@ -13,10 +13,10 @@ from django.db import connection
 from django.test import Client
 from django.utils import timezone
 
-from picsite import push_sign
-from picsite.api_auth import api_token_create
-from picsite.models import PushSignatureUse
-from picsite.push_sign import sign
+from api import push_sign
+from api.auth import api_token_create
+from api.models import PushSignatureUse
+from api.push_sign import sign
 from tests.live_server import live_uvicorn
 
 pytestmark = pytest.mark.django_db(transaction=True)

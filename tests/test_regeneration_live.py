@@ -15,9 +15,9 @@ import time
 
 import pytest
 
+from api.auth import api_token_create
 from gallery.models import Image, VariantSetState
 from gallery.services import image_ingest, preprocess_image
-from picsite.api_auth import api_token_create
 from tasks import engine
 from tasks.models import RunStatus
 from tests.advertised_urls import AdvertisedUrlWatcher, fetch

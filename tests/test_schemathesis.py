@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from PIL import Image as PILImage
 
-from picsite.api_auth import api_token_create
+from api.auth import api_token_create
 from tasks import engine
 from tests.engine_support import make_images
 from tests.live_server import live_uvicorn

@@ -163,7 +163,7 @@ def copy_without_git(dest: Path) -> Path:
     """The application as the Docker image has it: no .git (.dockerignore), no dev secret."""
     ignored = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
     assert ".git" in ignored and ".secret_key" in ignored, ".dockerignore must keep .git and .secret_key out"
-    for name in ("picsite", "gallery", "tasks", "templates"):
+    for name in ("picsite", "api", "dispatch", "gallery", "tasks", "templates"):
         shutil.copytree(REPO / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     shutil.copy2(REPO / "manage.py", dest / "manage.py")
     return dest

@@ -10,7 +10,7 @@ import time
 import pytest
 from django.db import connection
 
-from picsite.api_auth import api_token_create
+from api.auth import api_token_create
 from tasks import engine
 from tests.engine_support import make_images
 from tests.live_server import live_uvicorn

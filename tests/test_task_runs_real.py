@@ -331,12 +331,12 @@ def test_images_whose_job_was_never_enqueued_are_picked_up_by_the_scheduled_tick
     """A queue failure after commit leaves images pending (their originals intact); the
     scheduled tick starts a run for images pending longer than a few minutes, so they get
     their variants with no operator action."""
-    import picsite.queue
+    import dispatch.django_q2
 
     def queue_down(*args, **kwargs):
         raise OperationalError("simulated: the queue table is unreachable")
 
-    monkeypatch.setattr(picsite.queue, "enqueue_many", queue_down)
+    monkeypatch.setattr(dispatch.django_q2, "enqueue_many", queue_down)
     settings.PICSITE_PENDING_RESCUE_AFTER_S = 300
     from gallery.importer import IngestSource, ingest_uploads
 

@@ -3,7 +3,7 @@
 from django.conf import settings
 from django.db import migrations, models
 
-import picsite.models
+import api.models
 
 
 class Migration(migrations.Migration):
@@ -22,7 +22,7 @@ class Migration(migrations.Migration):
         migrations.AddField(
             model_name='apitoken',
             name='scopes',
-            field=models.CharField(default='read,write', max_length=32, validators=[picsite.models.validate_token_scopes]),
+            field=models.CharField(default='read,write', max_length=32, validators=[api.models.validate_token_scopes]),
         ),
         migrations.AddConstraint(
             model_name='apitoken',

@@ -15,8 +15,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from picsite.api_auth import api_token_create
-from picsite.models import SCOPE_ORDER
+from api.auth import api_token_create
+from api.models import SCOPE_ORDER
 
 
 def _positive_days(text: str) -> int:

@@ -12,8 +12,8 @@ from datetime import UTC, datetime, timedelta
 from django.db import connection
 from django.utils import timezone
 
-from picsite.models import PushSignatureUse
-from picsite.push_sign import REPLAY_WINDOW_S
+from api.models import PushSignatureUse
+from api.push_sign import REPLAY_WINDOW_S
 
 # Kept this long past the window, so clock skew between hosts cannot reopen it.
 CLOCK_SKEW_MARGIN_S = 60

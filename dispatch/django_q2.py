@@ -15,9 +15,7 @@ from django_q.humanhash import uuid
 from django_q.models import OrmQ
 from django_q.signing import SignedPackage
 
-# Named queues (django-q2 "clusters"). Uploads never wait behind a backfill drain.
-UPLOADS_QUEUE = "picsite"  # Q_CLUSTER["name"]; explicit, since Q_CLUSTER_NAME changes the default
-BACKFILL_QUEUE = "backfill"
+from dispatch.queues import UPLOADS_QUEUE
 
 
 def _package(func: str, args: Sequence[Any], *, timeout: int | None, cluster: str) -> bytes:

@@ -16,8 +16,8 @@ from django.template.response import TemplateResponse
 from django.utils import timezone
 from django.utils.cache import add_never_cache_headers
 
-from picsite.api_auth import api_token_create, api_token_revoke
-from picsite.models import DEFAULT_SCOPES, ApiToken, TokenScope, token_scopes_normalize
+from api.auth import api_token_create, api_token_revoke
+from api.models import DEFAULT_SCOPES, ApiToken, TokenScope, token_scopes_normalize
 
 
 class ApiTokenAddForm(forms.ModelForm):
@@ -52,7 +52,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
     search_fields = ("name", "prefix", "user__username")
     list_select_related = ("user",)
     actions = ("revoke_tokens",)
-    token_created_template = "admin/picsite/apitoken/created.html"
+    token_created_template = "admin/api/apitoken/created.html"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[ApiToken]:
         tokens = super().get_queryset(request)

@@ -34,7 +34,7 @@ from django.http import HttpRequest, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 
-from picsite.models import DEFAULT_SCOPES, SCOPE_ORDER, ApiToken, token_scopes_normalize
+from api.models import DEFAULT_SCOPES, SCOPE_ORDER, ApiToken, token_scopes_normalize
 
 TOKEN_PREFIX = "pst_"
 LAST_USED_RESOLUTION = timedelta(minutes=1)

@@ -70,6 +70,8 @@ class ApiToken(models.Model):
     revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
+        # Created as picsite.ApiToken; the move to this app kept the table (api.0001).
+        db_table = "picsite_apitoken"
         ordering = ["-id"]
         verbose_name = "API token"
         constraints = [
@@ -102,6 +104,7 @@ class PushSignatureUse(models.Model):
     expires_at = models.DateTimeField(db_index=True)
 
     class Meta:
+        db_table = "picsite_pushsignatureuse"  # created as picsite.PushSignatureUse (api.0001)
         verbose_name = "used push signature"
 
     def __str__(self) -> str:

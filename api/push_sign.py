@@ -9,7 +9,7 @@ The signature covers the timestamp, the method, the path and the raw body::
 A request is accepted within ±300 s of its timestamp, under PICSITE_PUSH_SECRET or
 PICSITE_PUSH_SECRET_NEXT (rotate by setting NEXT, moving senders over, then
 promoting it), and only once: the server remembers each accepted signature until its
-window ends (``picsite.push_replay``), so a captured request cannot be replayed. Sign
+window ends (``api.push_replay``), so a captured request cannot be replayed. Sign
 every delivery anew. ``verify`` never raises: any junk in the headers is a reason.
 
 Cron, every minute (no Python needed on the sender)::
@@ -20,7 +20,7 @@ Cron, every minute (no Python needed on the sender)::
     curl -fsS -X POST "https://photos.example.com$PATH_" \\
          -H "X-Picsite-Timestamp: $TS" -H "X-Picsite-Signature: sha256=$SIG"
 
-or with this module: ``python -m picsite.push_sign SECRET POST /api/v1/tasks/tick``
+or with this module: ``python -m api.push_sign SECRET POST /api/v1/tasks/tick``
 prints the two header lines (``-H`` arguments for curl).
 """
 
@@ -88,7 +88,7 @@ def verify(
     """None if the signature is good under one of ``secrets``, else why it is not.
 
     Total: header junk of any kind gives a reason, never an exception. Replays are
-    not checked here (``picsite.push_replay``).
+    not checked here (``api.push_replay``).
     """
     parsed = parse_headers(timestamp=timestamp, signature_header=signature_header)
     if isinstance(parsed, str):
@@ -107,7 +107,7 @@ def verify(
 
 def main(argv: list[str]) -> int:
     if len(argv) not in (3, 4):
-        print("usage: python -m picsite.push_sign SECRET METHOD PATH [BODY]", file=sys.stderr)
+        print("usage: python -m api.push_sign SECRET METHOD PATH [BODY]", file=sys.stderr)
         return 2
     secret, method, path = argv[:3]
     body = argv[3].encode() if len(argv) == 4 else b""
