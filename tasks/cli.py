@@ -28,6 +28,7 @@ from django.utils import timezone
 
 from tasks import engine, registry
 from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
+from tasks.registry import ScopeFieldType
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PLAIN_EVERY_S = 2.0
@@ -484,9 +485,9 @@ class TaskCommand(BaseCommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for scope_field in registry.get(self.task_key).scope_fields:
             flag = "--ids" if scope_field.name == "image_ids" else "--" + scope_field.name.replace("_", "-")
-            if scope_field.type == "bool":
+            if scope_field.type == ScopeFieldType.BOOL:
                 parser.add_argument(flag, dest=scope_field.name, action="store_true", help=scope_field.help)
-            elif scope_field.type == "int_list":
+            elif scope_field.type == ScopeFieldType.INT_LIST:
                 parser.add_argument(
                     flag,
                     dest=scope_field.name,
@@ -504,7 +505,7 @@ class TaskCommand(BaseCommand):
         try:
             for scope_field in registry.get(self.task_key).scope_fields:
                 value = options.get(scope_field.name)
-                if scope_field.type == "int_list":
+                if scope_field.type == ScopeFieldType.INT_LIST:
                     value = parse_ids(value)
                 if value not in (None, False):
                     scope[scope_field.name] = value
