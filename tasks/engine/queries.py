@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import datetime
 from importlib.resources import files
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -114,8 +113,3 @@ class LiveCounters(NamedTuple):
     spent_seconds: float
     spent_bytes: int
     spent_writes: int
-
-
-class BatchLease(NamedTuple):
-    owner: str
-    expires_at: datetime
