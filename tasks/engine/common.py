@@ -57,6 +57,13 @@ def lock_run(defn: TaskDefinition, run_id: int) -> None:
         cur.execute(SQL["lock_run"], {"lock_id": defn.lock_id, "run_key": run_key(run_id)})
 
 
+def locked_run(defn: TaskDefinition, run_id: int) -> AdminTaskRun:
+    """The run's row, read FOR UPDATE after waiting for the run's lock (inside the
+    caller's transaction)."""
+    lock_run(defn, run_id)
+    return AdminTaskRun.objects.select_for_update().get(pk=run_id)
+
+
 def try_lock_run(defn: TaskDefinition, run_id: int, *, wait_s: float = 5.0) -> bool:
     """The run's lock with a short spin (claims and checkpoints are brief); False if it
     stayed taken for ``wait_s``."""

@@ -16,7 +16,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from tasks import selectors
-from tasks.engine.common import lock_run, notify, try_lock_run
+from tasks.engine.common import locked_run, notify, try_lock_run
 from tasks.engine.counters import append_issue, fold_pending
 from tasks.engine.errors import InvalidTransition
 from tasks.engine.queries import SQL, PendingCounters
@@ -83,8 +83,7 @@ def pause_for(run_id: int, defn: TaskDefinition, failure: ItemFailure) -> None:
     """An item failed for a reason that is not its own (``failure.pause_run``, e.g. the
     storage is down): pause the run until the definition's probe says it can go on."""
     with transaction.atomic():
-        lock_run(defn, run_id)
-        run = AdminTaskRun.objects.select_for_update().get(pk=run_id)
+        run = locked_run(defn, run_id)
         if run.status not in RunStatus.runnable():
             return  # already paused (another worker saw it first), cancelling or ended
         logger.warning("run %s paused (%s): %s", run_id, failure.pause_run, failure.message)
@@ -109,8 +108,7 @@ def fail_run(run_id: int, defn: TaskDefinition, message: str) -> None:
     """RunFatal: the run fails with ``message`` as its error (unless it already ended)."""
     logger.error("run %s failed: %s", run_id, message)
     with transaction.atomic():
-        lock_run(defn, run_id)  # waits out any checkpoint in flight
-        run = AdminTaskRun.objects.select_for_update().get(pk=run_id)
+        run = locked_run(defn, run_id)  # waits out any checkpoint in flight
         if run.status in RunStatus.finished():
             return
         append_issue(run, {"stage": "run", "code": "run_failed", "message": message[:500]})

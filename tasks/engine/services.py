@@ -11,7 +11,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from tasks import selectors
-from tasks.engine.common import definition, get_run, lock_run, lock_task, notify
+from tasks.engine.common import definition, get_run, lock_task, locked_run, notify
 from tasks.engine.counters import append_issue, budget_exhausted
 from tasks.engine.errors import (
     EmptyScope,
@@ -65,8 +65,7 @@ def set_budget(*, run_id: int, budget: Any) -> AdminTaskRun:
     run = get_run(run_id)
     defn = definition(run.task_key)
     with transaction.atomic():
-        lock_run(defn, run.pk)  # a claim deciding to pause the run holds this
-        run = AdminTaskRun.objects.select_for_update().get(pk=run.pk)
+        run = locked_run(defn, run.pk)  # a claim deciding to pause the run holds this
         run.budget = clean
         if run.status == RunStatus.PAUSED and run.pause_reason == "budget" and not budget_exhausted(run, 1.0, 0):
             run.pause_reason = ""
@@ -83,8 +82,7 @@ def cancel(*, run_id: int) -> AdminTaskRun:
     run = get_run(run_id)
     defn = definition(run.task_key)
     with transaction.atomic():
-        lock_run(defn, run.pk)
-        run = AdminTaskRun.objects.select_for_update().get(pk=run.pk)
+        run = locked_run(defn, run.pk)
         if run.status in RunStatus.finished():
             raise InvalidTransition(f"run #{run.pk} already {run.status}")
         if run.status in (RunStatus.QUEUED, RunStatus.PAUSED) or not selectors.run_has_live_batch(run=run):
@@ -100,8 +98,7 @@ def retry_failed(*, run_id: int) -> AdminTaskRun:
     defn = definition(run.task_key)
     with transaction.atomic():
         lock_task(defn)
-        lock_run(defn, run.pk)
-        run = AdminTaskRun.objects.select_for_update().get(pk=run.pk)
+        run = locked_run(defn, run.pk)
         failed_items = AdminTaskItem.objects.filter(run=run, state=ItemState.FAILED)
         n = failed_items.count()
         if n == 0:
@@ -138,8 +135,7 @@ def resume_paused(*, run_id: int) -> AdminTaskRun:
     if not defn.probe(reason):
         return run
     with transaction.atomic():
-        lock_run(defn, run.pk)
-        run = AdminTaskRun.objects.select_for_update().get(pk=run.pk)
+        run = locked_run(defn, run.pk)
         if run.status == RunStatus.PAUSED and run.pause_reason == reason:
             run.pause_reason = ""
             append_issue(run, {"stage": "run", "code": "resumed", "message": f"{reason} is over: resumed"})

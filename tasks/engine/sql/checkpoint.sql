@@ -23,25 +23,26 @@ lk AS (SELECT pg_try_advisory_xact_lock(%(lock_id)s::int, %(run_key)s::int) AS o
 tasks_admintaskbatch.id = %(batch)s::bigint AND tasks_admintaskbatch.lease_owner = %(owner)s::text
 AND tasks_admintaskbatch.position = %(position)s::int AND (SELECT ok FROM lk)
 
--- fragment: locked_batch
--- The batch's pending counters by a locking read (FOR UPDATE re-reads the row's latest
--- version once it holds it), not by a self-join, which would return the statement's
--- snapshot and zero anything committed after it.
-(SELECT id, pending_processed, pending_succeeded, pending_skipped, pending_seconds, pending_bytes, pending_writes
-   FROM tasks_admintaskbatch WHERE {mine} FOR UPDATE) AS ob
+-- fragment: take_pending
+-- The end of an UPDATE of this worker's batch (AS nb ... SET ...,): zero its pending
+-- counters and return what they held. The old values come from a locking read (FOR UPDATE
+-- re-reads the row's latest version once it holds it), not from a self-join, which would
+-- return the statement's snapshot and zero anything committed after it.
+       pending_processed = 0, pending_succeeded = 0, pending_skipped = 0,
+       pending_seconds = 0, pending_bytes = 0, pending_writes = 0
+  FROM (SELECT id, pending_processed, pending_succeeded, pending_skipped, pending_seconds, pending_bytes, pending_writes
+          FROM tasks_admintaskbatch WHERE {mine} FOR UPDATE) AS ob
+ WHERE nb.id = ob.id
+RETURNING ob.pending_processed AS p_processed, ob.pending_succeeded AS p_succeeded, ob.pending_skipped AS p_skipped,
+          ob.pending_seconds AS p_seconds, ob.pending_bytes AS p_bytes, ob.pending_writes AS p_writes
 
 -- fragment: advance_batch
--- Move the batch on (renewing its lease when due) and zero its pending counters.
+-- Move the batch on (renewing its lease when due).
 UPDATE tasks_admintaskbatch AS nb
    SET position = nb.position + 1,
        lease_expires_at = CASE WHEN %(renew)s::bool THEN now() + make_interval(secs => %(lease)s::float8)
                           ELSE nb.lease_expires_at END,
-       pending_processed = 0, pending_succeeded = 0, pending_skipped = 0,
-       pending_seconds = 0, pending_bytes = 0, pending_writes = 0
-  FROM {locked_batch}
- WHERE nb.id = ob.id
-RETURNING ob.pending_processed AS p_processed, ob.pending_succeeded AS p_succeeded, ob.pending_skipped AS p_skipped,
-          ob.pending_seconds AS p_seconds, ob.pending_bytes AS p_bytes, ob.pending_writes AS p_writes
+{take_pending}
 
 -- fragment: delete_batch
 -- The batch's last item: the batch row goes (DELETE returns its latest version).
@@ -53,12 +54,7 @@ RETURNING pending_processed AS p_processed, pending_succeeded AS p_succeeded, pe
 -- Stopping early: hand the rest back with an expired lease (the next kick adopts it).
 UPDATE tasks_admintaskbatch AS nb
    SET lease_owner = '', lease_expires_at = now() - interval '1 second',
-       pending_processed = 0, pending_succeeded = 0, pending_skipped = 0,
-       pending_seconds = 0, pending_bytes = 0, pending_writes = 0
-  FROM {locked_batch}
- WHERE nb.id = ob.id
-RETURNING ob.pending_processed AS p_processed, ob.pending_succeeded AS p_succeeded, ob.pending_skipped AS p_skipped,
-          ob.pending_seconds AS p_seconds, ob.pending_bytes AS p_bytes, ob.pending_writes AS p_writes
+{take_pending}
 
 -- fragment: fold_into_run
 -- r: the item's outcome and what b took off the batch, into the run row.
