@@ -59,7 +59,16 @@ class CheckpointState:
     budget_reached: bool
 
 
-def checkpoint(run_id, defn, owner, claim: Claim, item_id, outcome: Outcome, ledger_row, last: bool):
+def checkpoint(
+    run_id: int,
+    defn: TaskDefinition,
+    owner: str,
+    claim: Claim,
+    item_id: int,
+    outcome: Outcome,
+    ledger_row: AdminTaskItem | None,
+    last: bool,
+) -> CheckpointState | None:
     """Record one item's outcome in one statement (one round trip, its own transaction
     unless a ledger row is written too). Returns the run's state, or None if the lease
     was lost, in which case nothing was written.

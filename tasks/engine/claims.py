@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.db import connection, transaction
-from django.db.models import F
+from django.db.models import F, OrderBy
 from django.utils import timezone
 
 from tasks import selectors
@@ -112,7 +112,7 @@ def held_items(run_id: int) -> int:
         return int(cur.fetchone()[0])
 
 
-def keyset_order(run: AdminTaskRun):
+def keyset_order(run: AdminTaskRun) -> str | OrderBy:
     """Order for the next-batch query.
 
     Dense scopes walk the primary key. When what is left is sparse in the id range

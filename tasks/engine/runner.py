@@ -7,14 +7,17 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any
 
 from django.conf import settings
 from django.db import close_old_connections, connection
+from django.db.models import Model
 
 from tasks import selectors
-from tasks.engine.checkpoint import Outcome, checkpoint, release_batch
+from tasks.engine.checkpoint import CheckpointState, Outcome, checkpoint, release_batch
 from tasks.engine.claims import Claim
 from tasks.engine.lifecycle import pause_for
 from tasks.models import RunStatus
@@ -71,7 +74,7 @@ class ItemRunner:
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
 
-    def run(self, fn, *args, timeout: float):
+    def run(self, fn: Callable[..., ItemResult], *args: Any, timeout: float) -> ItemResult:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="task-item")
         future = self._pool.submit(_in_thread, fn, *args)
@@ -95,7 +98,7 @@ def _in_thread(fn, *args):
     return fn(*args)
 
 
-def process_one(defn: TaskDefinition, run_id: int, item, worker: ItemRunner, scope: dict) -> Outcome:
+def process_one(defn: TaskDefinition, run_id: int, item: Model, worker: ItemRunner, scope: dict) -> Outcome:
     """Run the definition's processor on one item; every way it can end becomes an Outcome,
     except RunFatal (the run cannot go on), which is raised."""
     limit = settings.PICSITE_ITEM_TIME_LIMIT_S
@@ -122,7 +125,7 @@ def process_one(defn: TaskDefinition, run_id: int, item, worker: ItemRunner, sco
 
 
 def work_batch(
-    run_id: int, defn: TaskDefinition, owner: str, claim: Claim, deadline: float | None, worker, scope: dict
+    run_id: int, defn: TaskDefinition, owner: str, claim: Claim, deadline: float | None, worker: ItemRunner, scope: dict
 ) -> bool:
     """Process the claim's remaining items. Returns False when this worker must stop."""
     remaining = claim.item_ids[claim.position :]
@@ -153,7 +156,9 @@ def work_batch(
     return True
 
 
-def _after_item(run_id: int, defn: TaskDefinition, outcome: Outcome, state, deadline: float | None):
+def _after_item(
+    run_id: int, defn: TaskDefinition, outcome: Outcome, state: CheckpointState, deadline: float | None
+) -> tuple[bool, str | None]:
     """Whether this worker stops after the item, and why: (go on with another batch,
     reason) with reason None to go on with this batch."""
     if outcome.failure is not None and outcome.failure.pause_run:
