@@ -130,10 +130,10 @@ def profile_noop(top: int = 25) -> tuple[str, dict]:
             v[key] for (f, _line, name), v in stats.stats.items() if f.endswith(file_end) and name == func
         )
 
-    checkpoint = cum("tasks/engine.py", "_checkpoint")
-    claim = cum("tasks/engine.py", "_claim_batch")
-    process = cum("tasks/engine.py", "_process_one")
-    settle = cum("tasks/engine.py", "_settle")
+    checkpoint = cum("tasks/engine/checkpoint.py", "checkpoint")
+    claim = cum("tasks/engine/claims.py", "claim_batch")
+    process = cum("tasks/engine/runner.py", "process_one")
+    settle = cum("tasks/engine/lifecycle.py", "settle")
     breakdown = {
         "kick_s": round(seconds, 3),
         "checkpoint_s": round(checkpoint, 3),
@@ -165,7 +165,7 @@ def bench_noop(items: int, profile: bool, rounds: int = ROUNDS) -> dict:
     """
     from django.db import connection
 
-    from tasks import engine
+    from tasks.engine import checkpoint
     from tests.engine_support import make_images
 
     make_images(items)
@@ -211,12 +211,12 @@ def bench_noop(items: int, profile: bool, rounds: int = ROUNDS) -> dict:
     # 1. every checkpoint folding into the run row (what each item cost before the fast
     #    checkpoint, which writes only the batch row);
     _set_ready(None, False)
-    fold_every = engine.FOLD_EVERY_S
-    engine.FOLD_EVERY_S = 0.0
+    fold_every = checkpoint.FOLD_EVERY_S
+    checkpoint.FOLD_EVERY_S = 0.0  # read by checkpoint() at each item
     try:
         s, n, _ = noop_kick()
     finally:
-        engine.FOLD_EVERY_S = fold_every
+        checkpoint.FOLD_EVERY_S = fold_every
     folding = round(n / s, 1)
     # 2. the whole session without synchronous commits: the engine's cost without WAL flushes.
     with connection.cursor() as cur:

@@ -16,14 +16,8 @@ from tasks import engine
 from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Every field read-only; no add, change or delete (so no save buttons either)."""
-
-    actions = None
-
-    def get_readonly_fields(self, request, obj=None):
-        names = [f.name for f in self.model._meta.fields]
-        return [*names, *[n for n in self.readonly_fields if n not in names]]
+class NoWrites:
+    """No add, change or delete, whatever the user's permissions (so no save buttons)."""
 
     def has_add_permission(self, request, obj=None) -> bool:
         return False
@@ -35,7 +29,17 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return False
 
 
-class ItemInline(admin.TabularInline):
+class ReadOnlyAdmin(NoWrites, admin.ModelAdmin):
+    """Every field read-only; no add, change or delete."""
+
+    actions = None
+
+    def get_readonly_fields(self, request, obj=None):
+        names = [f.name for f in self.model._meta.fields]
+        return [*names, *[n for n in self.readonly_fields if n not in names]]
+
+
+class ItemInline(NoWrites, admin.TabularInline):
     model = AdminTaskItem
     fields = ("item_id", "state", "attempts", "next_attempt_at", "last_error_code", "last_error_stage", "last_error_message")
     readonly_fields = fields
@@ -44,15 +48,6 @@ class ItemInline(admin.TabularInline):
     can_delete = False
     show_change_link = True
     verbose_name_plural = "failed-item ledger"
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(AdminTaskRun)

@@ -20,14 +20,14 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
 from typing import TextIO
 
 from django.core.management.base import BaseCommand
 from django.utils import timezone
 
-from tasks import engine, registry
-from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
+from tasks import engine, registry, selectors
+from tasks.models import AdminTaskRun, RunStatus
+from tasks.registry import ScopeFieldType
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PLAIN_EVERY_S = 2.0
@@ -194,7 +194,7 @@ def run_cli(
         _line(stderr, f"error: {exc.message}")
         return EXIT_USAGE
 
-    active = AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).first()
+    active = selectors.run_active(task_key=task_key)
     if dry_run:
         return _dry_run(defn, preview, clean_budget, active, stdout)
 
@@ -254,7 +254,7 @@ def _create_or_adopt(task_key, scope, preview, budget, active, stdout, stderr) -
                 return None, EXIT_FAILED
             except engine.RunAlreadyActive:
                 # Someone started one between our look and our create: adopt it.
-                active = AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).first()
+                active = selectors.run_active(task_key=task_key)
                 continue
             except engine.EngineError as exc:
                 _line(stderr, f"error: {exc.message}")
@@ -288,22 +288,10 @@ def _waiting_on_backoff(run: AdminTaskRun) -> float | None:
     if run.status not in RunStatus.runnable():
         return None
     now = timezone.now()
-    nxt = (
-        AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING, claimed=False, next_attempt_at__gt=now)
-        .order_by("next_attempt_at")
-        .values_list("next_attempt_at", flat=True)
-        .first()
-    )
+    nxt = selectors.run_next_retry_at(run=run, after=now)
     if nxt is None:
         return None
     return max(0.0, (nxt - now).total_seconds())
-
-
-def _release_own_batches(run_id: int, owner: str) -> None:
-    """After Ctrl-C: hand our unfinished batches back so cancel can finish at once."""
-    AdminTaskBatch.objects.filter(run_id=run_id, lease_owner=owner).update(
-        lease_expires_at=timezone.now() - timedelta(seconds=1)
-    )
 
 
 def _drain(
@@ -334,7 +322,7 @@ def _drain(
                 last_processed, last_change = processed, now
                 continue
             wait = _waiting_on_backoff(run)
-            if wait is not None and not _fresh_work(run):
+            if wait is not None and not selectors.run_has_work_besides_retries(run=run):
                 # Retries are due later: not a stall, just wait for the earliest one.
                 last_change = now
                 sleep(min(max(wait, 0.05), 1.0))
@@ -352,16 +340,8 @@ def _drain(
     return _summary(run, stdout)
 
 
-def _fresh_work(run: AdminTaskRun) -> bool:
-    defn = registry.get(run.task_key)
-    if AdminTaskBatch.objects.filter(run=run).exists():
-        return True
-    return defn.scope_queryset(run.scope).filter(pk__gt=run.cursor, pk__lte=run.max_item_id).exists()
-
-
 def _stalled(run: AdminTaskRun, seconds: float, stderr) -> None:
-    live = AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=timezone.now()).order_by("lease_expires_at")
-    holder = live.first()
+    holder = selectors.run_lease_holder(run=run)
     _line(
         stderr,
         f"run #{run.pk} made no progress for {seconds:.0f}s (stuck at {run.processed}/{run.total}, status {run.status}).",
@@ -378,10 +358,11 @@ def _stalled(run: AdminTaskRun, seconds: float, stderr) -> None:
 def _interrupted(run_id: int, owner: str, stdout, stderr) -> int:
     _line(stdout, f"Interrupted: cancelling run #{run_id} ...")
     try:
-        _release_own_batches(run_id, owner)
+        # Hand our unfinished batches back so the cancel can finish at once.
+        engine.release_worker_batches(run_id=run_id, owner=owner)
         run = engine.cancel(run_id=run_id)
     except engine.InvalidTransition:
-        run = AdminTaskRun.objects.get(pk=run_id)
+        run = selectors.run_get(run_id=run_id)
         _line(stdout, f"run #{run_id} had already {run.status}.")
         return _summary(run, stdout)
     if run.status == RunStatus.CANCELLED:
@@ -392,7 +373,7 @@ def _interrupted(run_id: int, owner: str, stdout, stderr) -> int:
 
 
 def _summary(run: AdminTaskRun, stdout) -> int:
-    run.refresh_from_db()
+    run = selectors.run_get(run_id=run.pk)
     c = engine.live_counters(run)  # a paused run's batches may still hold pending items
     p = engine.progress(run, processed=c["processed"])
     _line(
@@ -400,9 +381,7 @@ def _summary(run: AdminTaskRun, stdout) -> int:
         f"Run #{run.pk} {run.status}: {c['processed']}/{run.total} processed in {_fmt_duration(p['elapsed_seconds'])} - "
         f"succeeded {c['succeeded']}, skipped {c['skipped']}, failed {c['failed']}.",
     )
-    failed = list(
-        AdminTaskItem.objects.filter(run=run, state=ItemState.FAILED).order_by("item_id")[: MAX_FAILED_LISTED + 1]
-    )
+    failed = selectors.run_failed_items(run=run, limit=MAX_FAILED_LISTED + 1)
     if failed:
         _line(stdout, "Failed items:")
         for item in failed[:MAX_FAILED_LISTED]:
@@ -440,24 +419,23 @@ def _summary(run: AdminTaskRun, stdout) -> int:
 # --- glue for the management commands ------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+def _positive(convert: Callable[[str], float], what: str) -> Callable[[str], float]:
+    """An argparse ``type`` taking a positive number (NaN is not positive)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+_positive_int = _positive(int, "a whole number")
+_positive_float = _positive(float, "a number")
 
 
 def add_budget_flags(parser: argparse.ArgumentParser) -> None:
@@ -488,9 +466,9 @@ class TaskCommand(BaseCommand):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for scope_field in registry.get(self.task_key).scope_fields:
             flag = "--ids" if scope_field.name == "image_ids" else "--" + scope_field.name.replace("_", "-")
-            if scope_field.type == "bool":
+            if scope_field.type == ScopeFieldType.BOOL:
                 parser.add_argument(flag, dest=scope_field.name, action="store_true", help=scope_field.help)
-            elif scope_field.type == "int_list":
+            elif scope_field.type == ScopeFieldType.INT_LIST:
                 parser.add_argument(
                     flag,
                     dest=scope_field.name,
@@ -508,7 +486,7 @@ class TaskCommand(BaseCommand):
         try:
             for scope_field in registry.get(self.task_key).scope_fields:
                 value = options.get(scope_field.name)
-                if scope_field.type == "int_list":
+                if scope_field.type == ScopeFieldType.INT_LIST:
                     value = parse_ids(value)
                 if value not in (None, False):
                     scope[scope_field.name] = value

@@ -19,8 +19,8 @@ from django.utils import timezone
 
 from dispatch.django_q2 import enqueue_many
 from dispatch.queues import BACKFILL_QUEUE
-from tasks import engine, registry
-from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
+from tasks import engine, registry, selectors
+from tasks.models import AdminTaskRun, RunStatus
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +41,14 @@ def drain_run_job(run_id: int) -> str:
             return "gone"
         if run.status not in RunStatus.runnable():
             return run.status
-        if _has_claimable_work(run):
+        if selectors.run_has_claimable_work(run=run):
             enqueue_many(DRAIN_FUNC, [(run_id,)], cluster=BACKFILL_QUEUE)
             return "continued"
-        # Nothing to claim now. Wait (within this slice) for whatever comes first: a retry
-        # whose backoff ends, or the lease of another worker's batch running out (if that
-        # worker died, we adopt its batch; if it lives, its heartbeat moved the lease on).
-        waits = [
-            AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING, claimed=False)
-            .order_by("next_attempt_at")
-            .values_list("next_attempt_at", flat=True)
-            .first(),
-            AdminTaskBatch.objects.filter(run=run).order_by("lease_expires_at").values_list("lease_expires_at", flat=True).first(),
-        ]
+        # Nothing to claim now (retries with a future backoff are left to the schedule's
+        # tick). Wait (within this slice) for whatever comes first: a retry whose backoff
+        # ends, or the lease of another worker's batch running out (if that worker died, we
+        # adopt its batch; if it lives, its heartbeat moved the lease on).
+        waits = [selectors.run_next_retry_at(run=run), selectors.run_next_lease_expiry(run=run)]
         due = min((w for w in waits if w is not None), default=None)
         if due is None:
             return run.status
@@ -63,35 +58,19 @@ def drain_run_job(run_id: int) -> str:
         time.sleep(max(wait, 0.01))
 
 
-def _has_claimable_work(run: AdminTaskRun) -> bool:
-    # Waiting only on retries with a future backoff: the schedule's tick resumes it.
-    defn = registry.get(run.task_key)
-    if AdminTaskBatch.objects.filter(run=run, lease_expires_at__lte=timezone.now()).exists():
-        return True
-    return defn.scope_queryset(run.scope).filter(pk__gt=run.cursor, pk__lte=run.max_item_id).exists()
-
-
 def tick_all_job() -> dict:
     """Adopt runs whose workers died, resume runs waiting on retry backoff, and
     probe runs paused for a reason that can pass (a storage outage)."""
     started = {}
     for defn in registry.all_definitions():
-        for paused in AdminTaskRun.objects.filter(task_key=defn.key, status=RunStatus.PAUSED).exclude(pause_reason="budget"):
-            engine.resume_paused(run_id=paused.pk)  # e.g. the storage is back
-        run = (
-            AdminTaskRun.objects.filter(task_key=defn.key, status__in=[*RunStatus.runnable(), RunStatus.CANCELLING])
-            .order_by("id")
-            .first()
-        )
-        if run is None:
-            run = _start_rescue_run(defn)
+        engine.resume_paused_runs(task_key=defn.key)  # e.g. the storage is back
+        run = selectors.run_to_kick(task_key=defn.key) or _start_rescue_run(defn)
         if run is None:
             continue
         # Kick when a batch's lease ran out (its worker died: adopt it now, even while
         # other workers are live) or when no worker holds the run at all.
-        batches = AdminTaskBatch.objects.filter(run=run)
         now = timezone.now()
-        if batches.filter(lease_expires_at__gt=now).exists() and not batches.filter(lease_expires_at__lte=now).exists():
+        if selectors.run_has_live_batch(run=run, now=now) and not selectors.run_has_expired_batch(run=run, now=now):
             continue
         run = engine.kick(run_id=run.pk, time_budget_s=min(settings.PICSITE_DRAIN_SLICE_S, 20))
         if run.status in RunStatus.runnable():

@@ -12,12 +12,18 @@ from django.db.models import Q
 
 
 class RunStatus(models.TextChoices):
-    """Lifecycle of an AdminTaskRun.
+    """Lifecycle of an AdminTaskRun (``tasks.engine.lifecycle.TRANSITIONS`` is the table
+    every status write is checked against):
 
-    queued -> running -> succeeded | failed
-    queued | running -> cancelling -> cancelled   (cancel while a lease is live)
-    queued | running -> cancelled                 (cancel with no live lease)
-    running -> paused (budget reached) -> queued  (budget raised)
+    (create) -> queued -> running                 (the first claim)
+    queued | running -> succeeded                 (nothing left to do)
+    queued | running -> paused                    (budget reached, or an outage such as
+                                                   the storage being down)
+    paused -> queued                              (budget raised, or the outage is over)
+    running -> cancelling -> cancelled            (cancel while a batch lease is live)
+    queued | running | paused -> cancelled        (cancel with no live lease)
+    queued | running | cancelling | paused -> failed   (RunFatal)
+    succeeded | failed | cancelled -> queued      (retry failed reopens the run)
     """
 
     QUEUED = "queued", "Queued"
@@ -78,7 +84,8 @@ class AdminTaskRun(models.Model):
     spent_bytes = models.BigIntegerField(default=0)
     spent_writes = models.PositiveIntegerField(default=0)
 
-    # Throughput/ETA: processing seconds summed over workers, and a per-minute timeline.
+    # Throughput/ETA: processing seconds summed over workers, and [unix time, processed]
+    # samples (one per 5 s at most) for the chart.
     busy_seconds = models.FloatField(default=0)
     timeline = models.JSONField(default=list)
     last_progress_at = models.DateTimeField(null=True, blank=True)
@@ -130,7 +137,7 @@ class AdminTaskBatch(models.Model):
 
     # Counter deltas of clean items (no failure, no ledger row) checkpointed here but not
     # yet folded into the run: a fast checkpoint writes only this row, a fold moves them
-    # to the run (at least every PICSITE_FOLD_EVERY_S, at batch end, release and finish).
+    # to the run (at least every engine FOLD_EVERY_S, at batch end, release and finish).
     # Readers add them (``engine.live_counters``); they travel with the batch on adoption.
     # Database defaults, so code from before these columns can still insert batches.
     pending_processed = models.PositiveIntegerField(db_default=0)

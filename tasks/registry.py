@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from django.db.models import Model, QuerySet
@@ -56,13 +57,31 @@ class ItemFailure(Exception):
         self.pause_run = pause_run
 
 
+class ItemOutcome(StrEnum):
+    """How one item ended. A processor reports SUCCEEDED or SKIPPED (``ItemResult``); the
+    engine decides the rest. The values are what progress events carry as ``outcome``."""
+
+    SUCCEEDED = "succeeded"
+    SKIPPED = "skipped"
+    FAILED = "failed"  # out of attempts, or not retryable
+    RETRY = "retry"  # failed; comes back after its backoff
+    STOPPED = "stopped"  # the run stopped under it: no verdict, the item is handed back
+
+
 @dataclass(frozen=True)
 class ItemResult:
-    """What processing one item did. ``outcome`` is "succeeded" or "skipped"."""
+    """What processing one item did: ``outcome`` is SUCCEEDED or SKIPPED (a plain string
+    with one of those values is accepted)."""
 
-    outcome: str
+    outcome: ItemOutcome
     bytes_written: int = 0
     objects_written: int = 0
+
+    def __post_init__(self) -> None:
+        outcome = ItemOutcome(self.outcome)
+        if outcome not in (ItemOutcome.SUCCEEDED, ItemOutcome.SKIPPED):
+            raise ValueError(f"a processor reports succeeded or skipped, not {outcome.value!r}")
+        object.__setattr__(self, "outcome", outcome)
 
 
 @dataclass(frozen=True)
@@ -74,12 +93,23 @@ class CostModel:
     writes_per_item: int = 0
 
 
+class ScopeFieldType(StrEnum):
+    """How a scope field is given: a flag, a list of ids, or one of ``choices``."""
+
+    BOOL = "bool"
+    INT_LIST = "int_list"
+    CHOICE = "choice"
+
+
 @dataclass(frozen=True)
 class ScopeField:
     name: str
-    type: str  # "bool" | "int_list" | "choice"
+    type: ScopeFieldType  # a plain string with one of its values is accepted
     help: str
     choices: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "type", ScopeFieldType(self.type))
 
 
 @dataclass(frozen=True)

@@ -287,6 +287,41 @@ def test_cancel_from_another_process_stops_within_one_item(settings):
     assert run.processed < 40
 
 
+# --- the transition table ------------------------------------------------------------------
+
+
+def test_status_writes_the_transition_table_does_not_allow_are_refused():
+    """Every status write goes through lifecycle.transition: a move the table does not
+    list (an engine bug) raises InvalidTransition and writes nothing."""
+    from tasks.engine import lifecycle
+
+    assert set(lifecycle.TRANSITIONS) == {None, *RunStatus.values}
+    make_images(2)
+    run = drain(engine.create(task_key=TEST_TASK_KEY, scope={}).pk)
+    assert run.status == RunStatus.SUCCEEDED
+    for status in (RunStatus.RUNNING, RunStatus.PAUSED, RunStatus.CANCELLING, RunStatus.SUCCEEDED):
+        with pytest.raises(engine.InvalidTransition):
+            lifecycle.transition(run, status)
+        assert run.status == RunStatus.SUCCEEDED
+    assert AdminTaskRun.objects.get(pk=run.pk).status == RunStatus.SUCCEEDED
+
+
+def test_a_paused_run_cancels_at_once_and_retry_failed_reopens_it(settings):
+    settings.PICSITE_ITEM_MAX_ATTEMPTS = 1
+    make_images(6, titles={0: "fail-always"})
+    run = drain(engine.create(task_key=TEST_TASK_KEY, scope={}, budget={"items": 2}).pk)
+    assert (run.status, run.pause_reason, run.failed) == (RunStatus.PAUSED, "budget", 1)
+    run = engine.cancel(run_id=run.pk)
+    assert run.status == RunStatus.CANCELLED and run.finished_at
+    Image.objects.filter(title="fail-always").update(title="fixed now")
+    run = engine.retry_failed(run_id=run.pk)
+    assert run.status == RunStatus.QUEUED and run.finished_at is None
+    run = engine.set_budget(run_id=run.pk, budget={})
+    run = drain(run.pk)
+    assert run.status == RunStatus.SUCCEEDED and (run.succeeded, run.failed) == (6, 0)
+    assert_counters_exact(run)
+
+
 # --- budgets -----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,156 @@
+"""Reads of the engine's tables: runs, their leased batches and the failed-item ledger.
+
+The CLI, the queue jobs and the engine itself ask here (writes are the engine's services).
+A selector never writes and knows nothing of the engine: a run that is not there is None.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.db.models import QuerySet, Sum
+from django.utils import timezone
+
+from tasks import registry
+from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+def run_get(*, run_id: int) -> AdminTaskRun | None:
+    return AdminTaskRun.objects.filter(pk=run_id).first()
+
+
+def run_status(*, run_id: int) -> str | None:
+    return AdminTaskRun.objects.filter(pk=run_id).values_list("status", flat=True).first()
+
+
+def run_active(*, task_key: str) -> AdminTaskRun | None:
+    """The run of ``task_key`` that blocks another (at most one: a unique index)."""
+    return AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).first()
+
+
+def run_other_active(*, run: AdminTaskRun) -> AdminTaskRun | None:
+    """An active run of ``run``'s task other than ``run``."""
+    return (
+        AdminTaskRun.objects.filter(task_key=run.task_key, status__in=RunStatus.active()).exclude(pk=run.pk).first()
+    )
+
+
+def runs_recent(*, task_key: str, limit: int) -> list[AdminTaskRun]:
+    return list(AdminTaskRun.objects.filter(task_key=task_key).order_by("-id")[:limit])
+
+
+def run_to_kick(*, task_key: str) -> AdminTaskRun | None:
+    """The oldest run of ``task_key`` a kick has something to do for: a runnable one, or a
+    cancelling one (the kick settles it once its workers are gone)."""
+    return (
+        AdminTaskRun.objects.filter(task_key=task_key, status__in=[*RunStatus.runnable(), RunStatus.CANCELLING])
+        .order_by("id")
+        .first()
+    )
+
+
+def runs_paused_for_probe(*, task_key: str) -> list[AdminTaskRun]:
+    """Runs paused for a reason their definition can probe (an outage); a budget pause
+    ends when the budget is raised, not by a probe."""
+    return list(AdminTaskRun.objects.filter(task_key=task_key, status=RunStatus.PAUSED).exclude(pause_reason="budget"))
+
+
+def task_cost_history(*, task_key: str, runs: int = 10) -> dict:
+    """What the last ``runs`` runs that processed anything spent in all: items, seconds,
+    bytes and writes (None each when there are none)."""
+    recent = AdminTaskRun.objects.filter(task_key=task_key, processed__gt=0).order_by("-id")[:runs]
+    return AdminTaskRun.objects.filter(pk__in=list(recent.values_list("pk", flat=True))).aggregate(
+        items=Sum("spent_items"), seconds=Sum("busy_seconds"), bytes=Sum("spent_bytes"), writes=Sum("spent_writes")
+    )
+
+
+# --- what is left of a run ------------------------------------------------------------------
+
+
+def run_unclaimed_items(*, run: AdminTaskRun) -> QuerySet:
+    """Items of the run's frozen scope (ids up to ``max_item_id``) never handed to a batch:
+    past the keyset cursor. Unordered; the claim adds its ordering."""
+    defn = registry.get(run.task_key)
+    return defn.scope_queryset(run.scope).filter(pk__gt=run.cursor, pk__lte=run.max_item_id)
+
+
+def run_has_claimable_work(*, run: AdminTaskRun) -> bool:
+    """Could a kick claim something now besides retries: a batch whose lease ran out (its
+    worker died or handed it back), or unclaimed items?"""
+    return run_has_expired_batch(run=run) or run_unclaimed_items(run=run).exists()
+
+
+def run_has_work_besides_retries(*, run: AdminTaskRun) -> bool:
+    """Is anything left but retries waiting on their backoff: a batch (held by a live
+    worker or not), or unclaimed items?"""
+    return AdminTaskBatch.objects.filter(run=run).exists() or run_unclaimed_items(run=run).exists()
+
+
+def run_has_work_left(*, run: AdminTaskRun) -> bool:
+    """Is anything left at all: a batch, a retry (due or not), or unclaimed items?"""
+    return (
+        AdminTaskBatch.objects.filter(run=run).exists()
+        or AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING).exists()
+        or run_unclaimed_items(run=run).exists()
+    )
+
+
+def run_has_live_batch(*, run: AdminTaskRun, now: datetime | None = None) -> bool:
+    return AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=now or timezone.now()).exists()
+
+
+def run_has_expired_batch(*, run: AdminTaskRun, now: datetime | None = None) -> bool:
+    return AdminTaskBatch.objects.filter(run=run, lease_expires_at__lte=now or timezone.now()).exists()
+
+
+def run_lease_holder(*, run: AdminTaskRun) -> AdminTaskBatch | None:
+    """The live batch whose lease runs out first (who holds the run up, if anyone)."""
+    return (
+        AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=timezone.now()).order_by("lease_expires_at").first()
+    )
+
+
+def run_next_lease_expiry(*, run: AdminTaskRun) -> datetime | None:
+    return (
+        AdminTaskBatch.objects.filter(run=run)
+        .order_by("lease_expires_at")
+        .values_list("lease_expires_at", flat=True)
+        .first()
+    )
+
+
+def run_next_retry_at(*, run: AdminTaskRun, after: datetime | None = None) -> datetime | None:
+    """When the earliest unclaimed retry is due (only those due after ``after``, if given)."""
+    retries = AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING, claimed=False)
+    if after is not None:
+        retries = retries.filter(next_attempt_at__gt=after)
+    return retries.order_by("next_attempt_at").values_list("next_attempt_at", flat=True).first()
+
+
+def run_due_retry_ids(*, run_id: int, now: datetime, limit: int) -> list[int]:
+    """Unclaimed retries whose backoff has passed, the longest-waiting first."""
+    return list(
+        AdminTaskItem.objects.filter(run_id=run_id, state=ItemState.RETRYING, claimed=False, next_attempt_at__lte=now)
+        .order_by("next_attempt_at", "item_id")
+        .values_list("item_id", flat=True)[:limit]
+    )
+
+
+# --- the failed-item ledger -------------------------------------------------------------------
+
+
+def run_ledger(*, run_id: int, item_ids: list[int]) -> dict[int, AdminTaskItem]:
+    """Ledger rows of these items, by item id."""
+    return {row.item_id: row for row in AdminTaskItem.objects.filter(run_id=run_id, item_id__in=item_ids)}
+
+
+def run_items_not_succeeded(*, run: AdminTaskRun, limit: int = 200) -> list[AdminTaskItem]:
+    """Ledger rows still retrying or failed, by item id."""
+    return list(AdminTaskItem.objects.filter(run=run).exclude(state=ItemState.SUCCEEDED).order_by("item_id")[:limit])
+
+
+def run_failed_items(*, run: AdminTaskRun, limit: int) -> list[AdminTaskItem]:
+    """Items out of attempts, by item id."""
+    return list(AdminTaskItem.objects.filter(run=run, state=ItemState.FAILED).order_by("item_id")[:limit])
