@@ -253,6 +253,14 @@ PICSITE_ADMIN_PAGE_DRIVES_KICKS = env.flag("PICSITE_ADMIN_PAGE_DRIVES_KICKS", Tr
 # Serverless (no worker, so no per-upload job): a push tick with nothing to do starts
 # a run over never-attempted images.
 PICSITE_PUSH_TICK_CREATES_RUNS = env.flag("PICSITE_PUSH_TICK_CREATES_RUNS", False)
+# Runs may carry a callback_url: each terminal transition is POSTed there, signed per
+# Standard Webhooks with this secret ("whsec_" + base64; empty: callbacks refused at create).
+PICSITE_WEBHOOK_SECRET = env.str("PICSITE_WEBHOOK_SECRET", "")
+# Callback hosts allowed over http and on non-public addresses (e.g. a receiver on loopback).
+PICSITE_WEBHOOK_ALLOWED_HOSTS = env.list("PICSITE_WEBHOOK_ALLOWED_HOSTS", [])
+PICSITE_WEBHOOK_TIMEOUT_S = env.float("PICSITE_WEBHOOK_TIMEOUT_S", 5.0)
+PICSITE_WEBHOOK_RETRY_BASE_S = env.float("PICSITE_WEBHOOK_RETRY_BASE_S", 10.0)
+PICSITE_WEBHOOK_MAX_ATTEMPTS = env.int("PICSITE_WEBHOOK_MAX_ATTEMPTS", 20)
 PICSITE_PUSH_SECRET = env.str("PICSITE_PUSH_SECRET", "")
 PICSITE_PUSH_SECRET_NEXT = env.str("PICSITE_PUSH_SECRET_NEXT", "")
 

@@ -64,18 +64,20 @@ def tick_all_job() -> dict:
     started = {}
     for defn in registry.all_definitions():
         engine.resume_paused_runs(task_key=defn.key)  # e.g. the storage is back
-        run = selectors.run_to_kick(task_key=defn.key) or _start_rescue_run(defn)
-        if run is None:
-            continue
-        # Kick when a batch's lease ran out (its worker died: adopt it now, even while
-        # other workers are live) or when no worker holds the run at all.
-        now = timezone.now()
-        if selectors.run_has_live_batch(run=run, now=now) and not selectors.run_has_expired_batch(run=run, now=now):
-            continue
-        run = engine.kick(run_id=run.pk, time_budget_s=min(settings.PICSITE_DRAIN_SLICE_S, 20))
-        if run.status in RunStatus.runnable():
-            enqueue_many(DRAIN_FUNC, [(run.pk,)], cluster=BACKFILL_QUEUE)
-        started[defn.key] = run.status
+        runs = selectors.runs_to_kick(task_key=defn.key)  # batch runs first
+        if not runs and (rescue := _start_rescue_run(defn)) is not None:
+            runs = [rescue]
+        for run in runs:
+            # Kick when a batch's lease ran out (its worker died: adopt it now, even while
+            # other workers are live) or when no worker holds the run at all.
+            now = timezone.now()
+            if selectors.run_has_live_batch(run=run, now=now) and not selectors.run_has_expired_batch(run=run, now=now):
+                continue
+            run = engine.kick(run_id=run.pk, time_budget_s=min(settings.PICSITE_DRAIN_SLICE_S, 20))
+            if run.status in RunStatus.runnable():
+                enqueue_many(DRAIN_FUNC, [(run.pk,)], cluster=BACKFILL_QUEUE)
+            started[defn.key if defn.key not in started else f"{defn.key}#{run.pk}"] = run.status
+    engine.finishes_process()  # on_finish hooks and callbacks that are due (retries, crashes)
     return started
 
 

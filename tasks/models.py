@@ -54,13 +54,25 @@ PERM_VIEW_RUNS = "tasks.view_admintaskrun"
 PERM_RUN_TASKS = "tasks.run_tasks"
 
 
+class RunKind(models.TextChoices):
+    """library: a run over a scope of the whole library (at most one active per task);
+    batch: a run over explicit ids (any number active, beside the library run), with a row
+    per requested item and priority over library runs."""
+
+    LIBRARY = "library", "Library"
+    BATCH = "batch", "Batch"
+
+
 class AdminTaskRun(models.Model):
     task_key = models.CharField(max_length=64)
+    # Database defaults on columns added later: code of the previous release can still insert.
+    kind = models.CharField(max_length=8, choices=RunKind.choices, default=RunKind.LIBRARY, db_default=RunKind.LIBRARY)
     status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
     pause_reason = models.CharField(max_length=32, blank=True)
     scope = models.JSONField(default=dict)
 
     total = models.PositiveIntegerField(default=0)  # counted once, at create
+    missing = models.PositiveIntegerField(default=0, db_default=0)  # batch: requested ids that do not exist (or are deleted)
     processed = models.PositiveIntegerField(default=0)
     succeeded = models.PositiveIntegerField(default=0)
     skipped = models.PositiveIntegerField(default=0)
@@ -77,7 +89,13 @@ class AdminTaskRun(models.Model):
     recent_issues = models.JSONField(default=list)
     last_error = models.TextField(blank=True)
 
-    # Budget: {"items": n, "seconds": s, "bytes": b}; spent counts the same keys.
+    # POSTed a signed "run finished" event for every terminal transition (Standard Webhooks).
+    callback_url = models.URLField(max_length=2000, blank=True, db_default="")
+    # Terminal transitions so far: each wrote one AdminTaskRunFinish with this sequence number.
+    finish_seq = models.PositiveIntegerField(default=0, db_default=0)
+
+    # Budget: {"items": n, "seconds": s, "bytes": b, "money": m}; spent counts the same keys
+    # (money from spent writes and bytes at the configured prices).
     budget = models.JSONField(default=dict, blank=True)
     spent_items = models.PositiveIntegerField(default=0)
     spent_seconds = models.FloatField(default=0)
@@ -101,14 +119,22 @@ class AdminTaskRun(models.Model):
     class Meta:
         ordering = ["-id"]
         constraints = [
-            # At most one active run per task, enforced by the database too.
+            # At most one active library run per task, enforced by the database too; batch
+            # runs (explicit ids) coexist with it and with each other.
             models.UniqueConstraint(
                 fields=["task_key"],
-                condition=Q(status__in=["queued", "running", "cancelling", "paused"]),
-                name="one_active_run_per_task",
+                condition=Q(status__in=["queued", "running", "cancelling", "paused"], kind="library"),
+                name="one_active_library_run_per_task",
             )
         ]
-        indexes = [models.Index(fields=["task_key", "-id"], name="run_task_recent_idx")]
+        indexes = [
+            models.Index(fields=["task_key", "-id"], name="run_task_recent_idx"),
+            models.Index(
+                fields=["kind", "id"],
+                name="run_runnable_idx",
+                condition=Q(status__in=["queued", "running", "cancelling"]),
+            ),
+        ]
         # Watching runs is the model's view permission; starting and controlling them is this.
         permissions = [("run_tasks", "Can start and control task runs")]
 
@@ -152,21 +178,30 @@ class AdminTaskBatch(models.Model):
 
 
 class ItemState(models.TextChoices):
-    """Ledger state of an item that failed at least once.
+    """State of an item row.
 
-    retrying: will be tried again at next_attempt_at (claimed into a retry batch).
-    failed: out of attempts; "retry failed" re-arms it.
-    succeeded: a later attempt worked.
+    Library runs keep rows only for items that failed at least once (the ledger):
+    retrying (tried again at next_attempt_at, claimed into a retry batch), failed (out of
+    attempts; "retry failed" re-arms it), succeeded (a later attempt worked).
+    Batch runs keep a row per requested item from the start: pending -> processing ->
+    succeeded | skipped | failed, retrying between attempts (shown as pending with a next
+    attempt time), and missing for an id that does not exist (never processed).
     """
 
+    PENDING = "pending", "Pending"
+    PROCESSING = "processing", "Processing"
     RETRYING = "retrying", "Retrying"
-    FAILED = "failed", "Failed"
     SUCCEEDED = "succeeded", "Succeeded"
+    SKIPPED = "skipped", "Skipped"
+    FAILED = "failed", "Failed"
+    MISSING = "missing", "Missing"
 
 
 class AdminTaskItem(models.Model):
     run = models.ForeignKey(AdminTaskRun, on_delete=models.CASCADE, related_name="items")
     item_id = models.BigIntegerField()
+    # Batch runs: submission order (duplicates collapsed); None in a library run's ledger.
+    position = models.PositiveIntegerField(null=True, blank=True)
     state = models.CharField(max_length=16, choices=ItemState.choices, default=ItemState.RETRYING)
     attempts = models.PositiveSmallIntegerField(default=0)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
@@ -174,6 +209,11 @@ class AdminTaskItem(models.Model):
     last_error_code = models.CharField(max_length=64, blank=True)
     last_error_stage = models.CharField(max_length=32, blank=True)
     last_error_message = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    seconds = models.FloatField(default=0, db_default=0)  # processing time over all attempts
+    bytes = models.BigIntegerField(default=0, db_default=0)
+    result = models.JSONField(null=True, blank=True)  # the definition's item_result (e.g. served widths, URLs)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -184,7 +224,8 @@ class AdminTaskItem(models.Model):
                 fields=["run", "next_attempt_at"],
                 name="item_due_idx",
                 condition=Q(state="retrying", claimed=False),
-            )
+            ),
+            models.Index(fields=["run", "position"], name="item_position_idx", condition=Q(position__isnull=False)),
         ]
 
     def __str__(self) -> str:
@@ -203,3 +244,63 @@ class KeyShard(models.Model):
 
     def __str__(self) -> str:
         return f"shard {self.prefix}"
+
+
+class AdminTaskEvent(models.Model):
+    """An item state change of a batch run, in commit order per run (written under the
+    run's advisory lock, so ids of one run commit in order): the SSE stream's ``id``, so a
+    client that reconnects with ``Last-Event-ID`` gets every transition it missed."""
+
+    run = models.ForeignKey(AdminTaskRun, on_delete=models.CASCADE, related_name="events")
+    item_id = models.BigIntegerField()
+    state = models.CharField(max_length=16, choices=ItemState.choices)
+    data = models.JSONField(default=dict)
+    at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["run", "id"], name="event_run_idx")]
+
+    def __str__(self) -> str:
+        return f"event {self.pk}: item {self.item_id} of run #{self.run_id} {self.state}"
+
+
+class DeliveryState(models.TextChoices):
+    NONE = "none", "No callback"
+    PENDING = "pending", "Pending"
+    DELIVERED = "delivered", "Delivered"
+    GAVE_UP = "gave_up", "Gave up"
+
+
+class AdminTaskRunFinish(models.Model):
+    """One terminal transition of a run (succeeded, failed, cancelled), written in the same
+    transaction as the status change: durable, exactly once per transition (a run that
+    "retry failed" reopens and that ends again gets a second one, ``seq`` 2). Each record is
+    handed once to the definition's ``on_finish`` hook and delivered, at least once, to
+    the run's ``callback_url`` (``webhook-id`` = ``delivery_id``, stable across retries)."""
+
+    run = models.ForeignKey(AdminTaskRun, on_delete=models.CASCADE, related_name="finishes")
+    seq = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=RunStatus.choices)
+    counters = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+    hook_done_at = models.DateTimeField(null=True, blank=True)
+    delivery_state = models.CharField(max_length=12, choices=DeliveryState.choices, default=DeliveryState.NONE)
+    delivery_attempts = models.PositiveSmallIntegerField(default=0)
+    next_delivery_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    delivery_log = models.JSONField(default=list)  # the last attempts: at, status or error, ms
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["run", "seq"], name="one_finish_per_seq")]
+        indexes = [
+            models.Index(fields=["next_delivery_at"], name="finish_due_idx", condition=Q(delivery_state="pending")),
+            models.Index(fields=["id"], name="finish_hook_due_idx", condition=Q(hook_done_at__isnull=True)),
+        ]
+
+    def __str__(self) -> str:
+        return f"finish {self.seq} of run #{self.run_id} ({self.status})"
+
+    @property
+    def delivery_id(self) -> str:
+        """The ``webhook-id``: one per finish record, the same on every retry."""
+        return f"run_{self.run_id}_finish_{self.seq}"

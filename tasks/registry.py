@@ -144,6 +144,14 @@ class TaskDefinition:
     # Task-specific figures for a preview (normalized scope -> JSON-able dict), shown beside
     # the item count: e.g. the objects and bytes a collector would reclaim. None: none.
     preview_details: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # The explicit ids of a normalized scope, in submission order (None: a library-wide
+    # scope). A scope with ids makes a *batch* run: it coexists with other runs, keeps a row
+    # per requested item and goes before library runs.
+    batch_ids: Callable[[dict[str, Any]], list[int] | None] = field(default=lambda scope: None)
+    # What a batch run shows for an item that succeeded (JSON-able; e.g. served widths, URLs).
+    item_result: Callable[[Model], dict[str, Any]] | None = None
+    # Called once for each terminal transition of a run (its AdminTaskRunFinish record).
+    on_finish: Callable[[Any], None] | None = None
 
 
 _REGISTRY: dict[str, TaskDefinition] = {}
@@ -182,6 +190,7 @@ def scope_bool(scope: dict, name: str) -> bool:
 
 
 def scope_ids(scope: dict, name: str, *, limit: int) -> list[int] | None:
+    """The ids of ``scope[name]`` in submission order, duplicates collapsed (None if absent)."""
     if name not in scope or scope[name] is None:
         return None
     value = scope[name]
@@ -191,7 +200,18 @@ def scope_ids(scope: dict, name: str, *, limit: int) -> list[int] | None:
         raise ScopeError(name, f"{name} must not be empty")
     if len(value) > limit:
         raise ScopeError(name, f"{name} takes at most {limit} ids, got {len(value)}")
-    return sorted(set(value))
+    return list(dict.fromkeys(value))
+
+
+def scope_duplicates(scope: dict, name: str) -> list[int]:
+    """Ids given more than once in ``scope[name]`` (each once, in order of first repeat)."""
+    seen: set[int] = set()
+    repeated: dict[int, None] = {}
+    for value in scope.get(name) or []:
+        if value in seen:
+            repeated[value] = None
+        seen.add(value)
+    return list(repeated)
 
 
 def reject_unknown_keys(scope: dict, allowed: set[str]) -> None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from django.db.models import QuerySet, Sum
+from django.db.models import Case, QuerySet, Sum, When
 from django.utils import timezone
 
 from tasks import registry
-from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
+from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunKind, RunStatus
 
 # --- runs ---------------------------------------------------------------------------------
 
@@ -26,15 +26,45 @@ def run_status(*, run_id: int) -> str | None:
 
 
 def run_active(*, task_key: str) -> AdminTaskRun | None:
-    """The run of ``task_key`` that blocks another (at most one: a unique index)."""
-    return AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).first()
+    """The library run of ``task_key`` that blocks another (at most one: a unique index);
+    batch runs block nothing."""
+    return AdminTaskRun.objects.filter(task_key=task_key, kind=RunKind.LIBRARY, status__in=RunStatus.active()).first()
+
+
+def runs_active(*, task_key: str) -> list[AdminTaskRun]:
+    """Every active run of ``task_key``: batch runs first (newest first), then the library run."""
+    return list(
+        AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).order_by(
+            Case(When(kind=RunKind.BATCH, then=0), default=1), "-id"
+        )
+    )
 
 
 def run_other_active(*, run: AdminTaskRun) -> AdminTaskRun | None:
-    """An active run of ``run``'s task other than ``run``."""
+    """An active library run of ``run``'s task other than ``run``."""
     return (
-        AdminTaskRun.objects.filter(task_key=run.task_key, status__in=RunStatus.active()).exclude(pk=run.pk).first()
+        AdminTaskRun.objects.filter(task_key=run.task_key, kind=RunKind.LIBRARY, status__in=RunStatus.active())
+        .exclude(pk=run.pk)
+        .first()
     )
+
+
+def runs_to_kick(*, task_key: str | None = None) -> list[AdminTaskRun]:
+    """Runs a kick has something to do for — runnable ones, and cancelling ones (a kick
+    settles them once their workers are gone) — batch runs first, oldest first."""
+    qs = AdminTaskRun.objects.filter(status__in=[*RunStatus.runnable(), RunStatus.CANCELLING])
+    if task_key is not None:
+        qs = qs.filter(task_key=task_key)
+    return list(qs.order_by(Case(When(kind=RunKind.BATCH, then=0), default=1), "id"))
+
+
+def batch_run_ids_runnable(*, exclude: int | None = None, limit: int = 5) -> list[tuple[int, str]]:
+    """(id, task key) of runnable batch runs, oldest first: a worker serves these before its
+    own (library) run, so a small batch is never stuck behind a long backfill."""
+    qs = AdminTaskRun.objects.filter(kind=RunKind.BATCH, status__in=RunStatus.runnable())
+    if exclude is not None:
+        qs = qs.exclude(pk=exclude)
+    return list(qs.order_by("id").values_list("id", "task_key")[:limit])
 
 
 def runs_recent(*, task_key: str, limit: int) -> list[AdminTaskRun]:
@@ -42,13 +72,9 @@ def runs_recent(*, task_key: str, limit: int) -> list[AdminTaskRun]:
 
 
 def run_to_kick(*, task_key: str) -> AdminTaskRun | None:
-    """The oldest run of ``task_key`` a kick has something to do for: a runnable one, or a
-    cancelling one (the kick settles it once its workers are gone)."""
-    return (
-        AdminTaskRun.objects.filter(task_key=task_key, status__in=[*RunStatus.runnable(), RunStatus.CANCELLING])
-        .order_by("id")
-        .first()
-    )
+    """The first run of ``task_key`` a kick has something to do for (``runs_to_kick``)."""
+    runs = runs_to_kick(task_key=task_key)
+    return runs[0] if runs else None
 
 
 def runs_paused_for_probe(*, task_key: str) -> list[AdminTaskRun]:
@@ -147,8 +173,11 @@ def run_ledger(*, run_id: int, item_ids: list[int]) -> dict[int, AdminTaskItem]:
 
 
 def run_items_not_succeeded(*, run: AdminTaskRun, limit: int = 200) -> list[AdminTaskItem]:
-    """Ledger rows still retrying or failed, by item id."""
-    return list(AdminTaskItem.objects.filter(run=run).exclude(state=ItemState.SUCCEEDED).order_by("item_id")[:limit])
+    """Items that failed at least once and are still retrying or out of attempts, by item
+    id (a batch run's other rows — pending, processing, skipped, missing — are not failures)."""
+    return list(
+        AdminTaskItem.objects.filter(run=run, state__in=[ItemState.RETRYING, ItemState.FAILED]).order_by("item_id")[:limit]
+    )
 
 
 def run_failed_items(*, run: AdminTaskRun, limit: int) -> list[AdminTaskItem]:

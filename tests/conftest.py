@@ -83,6 +83,14 @@ def integrity_audit(_no_integrity_violations) -> IntegrityAudit:
     return _no_integrity_violations
 
 
+@pytest.fixture(autouse=True)
+def _test_process_is_not_a_worker(settings):
+    """The engine hands a batch back after an item once its process is over
+    PICSITE_WORKER_MEMORY_MB (so django-q2 can recycle a worker). The test process is not a
+    worker, and its RSS grows over the suite: a test that wants the bound sets it itself."""
+    settings.PICSITE_WORKER_MEMORY_MB = 1_000_000
+
+
 @pytest.fixture(scope="session")
 def corpus() -> Path:
     if not CORPUS.exists():

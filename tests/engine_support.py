@@ -21,6 +21,7 @@ from tasks.registry import (
     ItemFailure,
     ItemResult,
     RunFatal,
+    ScopeField,
     TaskDefinition,
     register,
     reject_unknown_keys,
@@ -70,6 +71,73 @@ DEFINITION = register(
         item_queryset=lambda: Image.objects.all(),
         process=_process,
         cost=CostModel(seconds_per_item=0.01, bytes_per_item=1000, writes_per_item=2),
+    )
+)
+
+
+# --- a batch-capable twin: explicit ids, an on_finish hook recorded in a scratch table -------
+
+TEST_BATCH_TASK_KEY = "test-batch"
+ON_FINISH_TABLE = "test_on_finish_calls"  # not a Django table: flushes leave it alone
+
+
+def _normalize_batch(raw: dict) -> dict:
+    from tasks.registry import scope_duplicates, scope_ids
+
+    reject_unknown_keys(raw, {"image_ids"})
+    ids = scope_ids(raw, "image_ids", limit=1000)
+    if ids is None:
+        return {"mode": "all"}
+    duplicates = scope_duplicates(raw, "image_ids")
+    return {"mode": "ids", "image_ids": ids, **({"duplicates": duplicates} if duplicates else {})}
+
+
+def _batch_scope(scope: dict):
+    if scope.get("mode") == "ids":
+        return Image.objects.alive().filter(pk__in=scope["image_ids"])
+    return Image.objects.alive().filter(variants_ready=False)
+
+
+def on_finish_calls_reset() -> None:
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {ON_FINISH_TABLE} (run_id bigint, seq int, status text)")
+        cur.execute(f"TRUNCATE {ON_FINISH_TABLE}")
+
+
+def on_finish_calls() -> list[tuple[int, int, str]]:
+    from django.db import connection
+
+    with connection.cursor() as cur:
+        cur.execute(f"SELECT run_id, seq, status FROM {ON_FINISH_TABLE} ORDER BY run_id, seq")
+        return list(cur.fetchall())
+
+
+def _on_finish(record) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cur:  # in the engine's transaction: done iff marked done
+        cur.execute(f"CREATE TABLE IF NOT EXISTS {ON_FINISH_TABLE} (run_id bigint, seq int, status text)")
+        cur.execute(f"INSERT INTO {ON_FINISH_TABLE} VALUES (%s, %s, %s)", [record.run_id, record.seq, record.status])
+
+
+BATCH_DEFINITION = register(
+    TaskDefinition(
+        key=TEST_BATCH_TASK_KEY,
+        title="Test: batches",
+        lock_id=49002,
+        batch_size=4,
+        lease_seconds=30,
+        scope_fields=(ScopeField("image_ids", "int_list", "An explicit batch of up to 1000 ids"),),
+        normalize_scope=_normalize_batch,
+        scope_queryset=_batch_scope,
+        item_queryset=lambda: Image.objects.alive(),
+        process=_process,
+        cost=CostModel(seconds_per_item=0.01, bytes_per_item=1000, writes_per_item=2),
+        batch_ids=lambda scope: scope["image_ids"] if scope.get("mode") == "ids" else None,
+        item_result=lambda image: {"title": image.title},
+        on_finish=_on_finish,
     )
 )
 

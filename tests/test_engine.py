@@ -91,7 +91,7 @@ def test_unknown_task_and_run():
     ("scope", "field"),
     [
         ({"image_ids": [1, "2"]}, "image_ids"),
-        ({"image_ids": list(range(1, 502))}, "image_ids"),
+        ({"image_ids": list(range(1, 1002))}, "image_ids"),  # over the 1,000-id limit
         ({"force": "yes"}, "force"),
         ({"force": True, "stale": True}, "stale"),
     ],

@@ -20,10 +20,11 @@ from tasks.registry import (
     register,
     reject_unknown_keys,
     scope_bool,
+    scope_duplicates,
     scope_ids,
 )
 
-MAX_EXPLICIT_IDS = 500
+MAX_EXPLICIT_IDS = 1000
 
 
 def normalize_scope(raw: dict) -> dict:
@@ -33,7 +34,8 @@ def normalize_scope(raw: dict) -> dict:
     if ids and missing_only:
         raise ScopeError("image_ids", "choose one of missing_only, image_ids")
     if ids:
-        return {"mode": "ids", "image_ids": ids}
+        duplicates = scope_duplicates(raw, "image_ids")
+        return {"mode": "ids", "image_ids": ids, **({"duplicates": duplicates} if duplicates else {})}
     return {"mode": "missing" if missing_only else "all"}
 
 
@@ -74,5 +76,6 @@ DEFINITION = register(
         process=process,
         cost=CostModel(seconds_per_item=0.15),
         probe=lambda reason: storages_recover(storages=(ORIGINALS,)),
+        batch_ids=lambda scope: scope["image_ids"] if scope.get("mode") == "ids" else None,
     )
 )

@@ -18,6 +18,7 @@ from django.utils import timezone
 
 from gallery.imaging import encoder_problems
 from gallery.models import Image
+from gallery.selectors import VariantStores, variant_url
 from gallery.services import (
     STORAGE_UNAVAILABLE,
     ImageBusy,
@@ -41,10 +42,11 @@ from tasks.registry import (
     register,
     reject_unknown_keys,
     scope_bool,
+    scope_duplicates,
     scope_ids,
 )
 
-MAX_EXPLICIT_IDS = 500
+MAX_EXPLICIT_IDS = 1000
 
 
 def normalize_scope(raw: dict) -> dict:
@@ -55,7 +57,8 @@ def normalize_scope(raw: dict) -> dict:
     if len(chosen) > 1:
         raise ScopeError(chosen[1], f"choose one of force, stale, failed_only, new_only, image_ids (got {', '.join(chosen)})")
     if ids:
-        return {"mode": "ids", "image_ids": ids}
+        duplicates = scope_duplicates(raw, "image_ids")
+        return {"mode": "ids", "image_ids": ids, **({"duplicates": duplicates} if duplicates else {})}
     mode = {"force": "all", "stale": "stale", "failed_only": "failed", "new_only": "new"}.get(
         chosen[0] if chosen else "", "missing"
     )
@@ -137,6 +140,26 @@ def process(image: Image, cancel, scope: dict) -> ItemResult:
     return ItemResult("succeeded", bytes_written=outcome.bytes_written, objects_written=outcome.objects_written)
 
 
+def batch_ids(scope: dict) -> list[int] | None:
+    return scope["image_ids"] if scope.get("mode") == "ids" else None
+
+
+def item_result(image: Image) -> dict:
+    """What a batch shows for a processed image: the tiers its serving set has ready, and
+    their URLs (from the set's record, as the pages build them)."""
+    image = Image.objects.select_related("serving_set").get(pk=image.pk)
+    vset = image.serving_set
+    if vset is None:
+        return {"widths": [], "urls": {}}
+    store = VariantStores().get(vset.storage_kind, vset.folder)
+    urls = (
+        {fmt: {str(w): variant_url(image=image, vset=vset, store=store, width=w, fmt=fmt) for w in vset.ready_widths} for fmt in vset.formats}
+        if store is not None
+        else {}
+    )
+    return {"widths": vset.ready_widths, "set": vset.key_version or "legacy", "urls": urls}
+
+
 DEFINITION = register(
     TaskDefinition(
         key="preprocess-images",
@@ -160,6 +183,8 @@ DEFINITION = register(
         probe=lambda reason: storages_recover(),
         preflight=preflight,
         rescue_scope=rescue_scope,
+        batch_ids=batch_ids,
+        item_result=item_result,
         idle_scope={"new_only": True},
     )
 )

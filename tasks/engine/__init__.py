@@ -46,6 +46,8 @@ from tasks.engine.errors import (
     StorageNotConfigured,
     UnknownTaskKey,
 )
+from tasks.engine.finishes import finish_json, finishes_process
+from tasks.engine.items import item_json, public_state
 from tasks.engine.lifecycle import TRANSITIONS
 from tasks.engine.runner import ItemDeadline, ItemInterrupted, ItemStopped
 from tasks.engine.scope import (
@@ -66,6 +68,7 @@ from tasks.engine.services import (
     retry_failed,
     set_budget,
 )
+from tasks.engine.webhooks import InvalidCallback
 from tasks.engine.worker import kick, tick, worker_owner
 from tasks.models import AdminTaskRun
 from tasks.registry import ItemFailure, ItemOutcome, ItemResult
@@ -98,6 +101,7 @@ __all__ = [
     "EmptyScope",
     "EngineError",
     "InvalidBudget",
+    "InvalidCallback",
     "InvalidScope",
     "InvalidTransition",
     "ItemDeadline",
@@ -114,6 +118,9 @@ __all__ = [
     "cancel",
     "create",
     "detail",
+    "finish_json",
+    "finishes_process",
+    "item_json",
     "kick",
     "list_runs",
     "live_counters",
@@ -121,6 +128,7 @@ __all__ = [
     "normalize_scope",
     "preview_count",
     "progress",
+    "public_state",
     "registry",
     "release_worker_batches",
     "resume_paused",

@@ -26,6 +26,7 @@ from tasks.engine.counters import (
     budget_exhausted,
     run_item_cost,
 )
+from tasks.engine.items import item_record
 from tasks.engine.queries import SQL, CheckpointRow
 from tasks.models import AdminTaskItem, ItemState
 from tasks.registry import ItemFailure, ItemOutcome, ItemResult, TaskDefinition
@@ -51,6 +52,7 @@ class Outcome:
     result: ItemResult | None = None
     failure: ItemFailure | None = None
     seconds: float = 0.0
+    detail: dict | None = None  # batch runs: the definition's item_result for a success
 
 
 @dataclass
@@ -84,7 +86,10 @@ def checkpoint(
     if failure is None:
         counts["processed"] = 1
         counts["succeeded" if outcome.kind == ItemOutcome.SUCCEEDED else "skipped"] = 1
-        if ledger_row is not None:
+        if claim.per_item:  # a batch run writes every item's verdict
+            done = ItemState.SUCCEEDED if outcome.kind == ItemOutcome.SUCCEEDED else ItemState.SKIPPED
+            ledger_action = (done, ledger_row.attempts if ledger_row else 0)
+        elif ledger_row is not None:
             ledger_action = (ItemState.SUCCEEDED, 0)
     else:
         attempts = (ledger_row.attempts if ledger_row else 0) + (1 if failure.counts_attempt else 0)
@@ -131,7 +136,11 @@ def checkpoint(
         code=failure.code if failure else None,
     )
     sql = FAST_CHECKPOINT_SQL if fast else (FOLD_DONE_SQL if last else FOLD_ADVANCE_SQL)
-    after = (lambda: write_ledger(run_id, item_id, ledger_action, failure)) if ledger_action else None
+    after = None
+    if ledger_action and claim.per_item:
+        after = lambda: _record_item(run_id, item_id, ledger_action, failure, outcome)  # noqa: E731
+    elif ledger_action:
+        after = lambda: write_ledger(run_id, item_id, ledger_action, failure)  # noqa: E731
     row = execute_checkpoint(sql, params, after=after)
     if row.status is None:
         return None
@@ -149,11 +158,16 @@ def checkpoint(
         # pending counters, so check against the live ones (from here on every item folds).
         run = selectors.run_get(run_id=run_id)
         cost = run_item_cost(run)
-        return CheckpointState(row.status, budget_exhausted(run, cost["seconds"], cost["bytes"]) is not None)
-    spent = {"spent_items": row.spent_items, "spent_seconds": row.spent_seconds, "spent_bytes": row.spent_bytes}
-    per_s = row.spent_seconds / row.spent_items if row.spent_items else 0
-    per_b = row.spent_bytes / row.spent_items if row.spent_items else 0
-    return CheckpointState(row.status, budget_exceeded_by(b, spent, per_s, per_b) is not None)
+        return CheckpointState(
+            row.status, budget_exhausted(run, cost["seconds"], cost["bytes"], cost["writes"]) is not None
+        )
+    spent = {
+        "spent_items": row.spent_items, "spent_seconds": row.spent_seconds,
+        "spent_bytes": row.spent_bytes, "spent_writes": row.spent_writes,
+    }  # fmt: skip
+    n = row.spent_items or 0
+    per = (row.spent_seconds / n, row.spent_bytes / n, row.spent_writes / n) if n else (0, 0, 0)
+    return CheckpointState(row.status, budget_exceeded_by(b, spent, *per) is not None)
 
 
 def checkpoint_params(run_id: int, defn: TaskDefinition, owner: str, claim: Claim, **item) -> dict:
@@ -220,7 +234,7 @@ def write_ledger(run_id: int, item_id: int, action: tuple[ItemState, int], failu
             state=ItemState.SUCCEEDED, claimed=False, next_attempt_at=None
         )
         return
-    next_at = timezone.now() + timedelta(seconds=backoff_seconds(max(attempts, 1))) if state == ItemState.RETRYING else None
+    next_at = _next_attempt_at(state, attempts)
     AdminTaskItem.objects.update_or_create(
         run_id=run_id,
         item_id=item_id,
@@ -234,6 +248,29 @@ def write_ledger(run_id: int, item_id: int, action: tuple[ItemState, int], failu
             "last_error_message": failure.message[:2000],
         },
     )
+
+
+def _record_item(run_id: int, item_id: int, action: tuple[ItemState, int], failure: ItemFailure | None, outcome: Outcome) -> None:
+    state, attempts = action
+    next_at = _next_attempt_at(state, attempts)
+    result = outcome.result
+    item_record(
+        run_id=run_id,
+        item_id=item_id,
+        state=state,
+        attempts=attempts,
+        next_attempt_at=next_at,
+        failure=failure,
+        seconds=outcome.seconds,
+        bytes_written=result.bytes_written if result else 0,
+        result=outcome.detail,
+    )
+
+
+def _next_attempt_at(state: ItemState, attempts: int):
+    if state != ItemState.RETRYING:
+        return None
+    return timezone.now() + timedelta(seconds=backoff_seconds(max(attempts, 1)))
 
 
 def backoff_seconds(attempts: int) -> float:

@@ -16,10 +16,10 @@ from django.utils import timezone
 
 from tasks import selectors
 from tasks.engine.common import lease_seconds, try_lock_run
-from tasks.engine.counters import budget_exhausted, live_counters, run_item_cost
+from tasks.engine.counters import budget_exhausted, budget_figures, live_counters, run_item_cost
 from tasks.engine.lifecycle import TIMELINE_MAX_POINTS, pause, transition
 from tasks.engine.queries import SQL, AdoptedBatch
-from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, RunStatus
+from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, RunKind, RunStatus
 from tasks.registry import RunFatal, TaskDefinition, TaskUnavailable
 
 TIMELINE_EVERY_S = 5
@@ -39,6 +39,8 @@ class Claim:
     folded_at: float = field(default_factory=lambda: time.monotonic())
     # The run has a budget: every checkpoint folds, so spent_* are exact for the checks.
     budgeted: bool = False
+    # A batch run: every item has a row whose state each checkpoint writes (with an event).
+    per_item: bool = False
 
 
 def claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> Claim | None:
@@ -58,9 +60,9 @@ def claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> Claim | None:
         defn.preflight()
         now = timezone.now()
         per = run_item_cost(run)
-        reason = budget_exhausted(run, per["seconds"], per["bytes"])
+        reason = budget_exhausted(run, per["seconds"], per["bytes"], per["writes"])
         if reason:
-            pause(run, "budget", detail=f"the next item would exceed the {reason} budget")
+            pause(run, "budget", detail=budget_figures(run, reason, per))
             return None
         renew_after = time.monotonic() + lease.total_seconds() / 4
 
@@ -69,8 +71,9 @@ def claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> Claim | None:
             take_run_lease(run, owner, now + lease)
             ids = adopted.item_ids if isinstance(adopted.item_ids, list) else json.loads(adopted.item_ids)
             return Claim(
-                adopted.id, ids, adopted.position, adopted.is_retry, renew_after=renew_after, budgeted=bool(run.budget)
-            )
+                adopted.id, ids, adopted.position, adopted.is_retry, renew_after=renew_after,
+                budgeted=bool(run.budget), per_item=run.kind == RunKind.BATCH,
+            )  # fmt: skip
 
         limit = defn.batch_size
         if "items" in (run.budget or {}):
@@ -95,7 +98,9 @@ def claim_batch(run_id: int, defn: TaskDefinition, owner: str) -> Claim | None:
         if not is_retry:
             run.cursor = ids[-1]
         take_run_lease(run, owner, now + lease, save_cursor=not is_retry)
-        return Claim(batch.pk, ids, 0, is_retry, renew_after=renew_after, budgeted=bool(run.budget))
+        return Claim(
+            batch.pk, ids, 0, is_retry, renew_after=renew_after, budgeted=bool(run.budget), per_item=run.kind == RunKind.BATCH
+        )
 
 
 def _adopt_expired_batch(run_id: int, owner: str, *, now: datetime, expires: datetime) -> AdoptedBatch | None:

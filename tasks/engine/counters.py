@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
@@ -76,20 +77,28 @@ def run_item_cost(run: AdminTaskRun) -> dict:
     """What one more item of the run will likely cost: its average so far, else the
     definition's defaults."""
     if run.spent_items:
-        return {"seconds": run.spent_seconds / run.spent_items, "bytes": run.spent_bytes / run.spent_items}
+        n = run.spent_items
+        return {"seconds": run.spent_seconds / n, "bytes": run.spent_bytes / n, "writes": run.spent_writes / n}
     c = definition(run.task_key).cost
-    return {"seconds": c.seconds_per_item, "bytes": c.bytes_per_item}
+    return {"seconds": c.seconds_per_item, "bytes": c.bytes_per_item, "writes": c.writes_per_item}
 
 
-def budget_exhausted(run: AdminTaskRun, next_seconds: float, next_bytes: float) -> str | None:
+def money(*, writes: float, bytes_: float) -> float:
+    """What ``writes`` object writes and ``bytes_`` stored bytes cost at the configured prices."""
+    return writes / 1000 * settings.PICSITE_PRICE_PER_1K_WRITES + bytes_ / 1e9 * settings.PICSITE_PRICE_PER_GB
+
+
+def budget_exhausted(run: AdminTaskRun, next_seconds: float, next_bytes: float, next_writes: float = 0) -> str | None:
     """Which budget the next item would exceed (live counters), if any."""
     b = run.budget or {}
     if not b:
         return None
-    return budget_exceeded_by(b, live_counters(run), next_seconds, next_bytes)
+    return budget_exceeded_by(b, live_counters(run), next_seconds, next_bytes, next_writes)
 
 
-def budget_exceeded_by(budget: dict, spent: dict, next_seconds: float, next_bytes: float) -> str | None:
+def budget_exceeded_by(
+    budget: dict, spent: dict, next_seconds: float, next_bytes: float, next_writes: float = 0
+) -> str | None:
     """Which of ``budget`` one more item costing this would exceed, given ``spent``."""
     if "items" in budget and spent["spent_items"] + 1 > budget["items"]:
         return "items"
@@ -97,7 +106,21 @@ def budget_exceeded_by(budget: dict, spent: dict, next_seconds: float, next_byte
         return "seconds"
     if "bytes" in budget and spent["spent_bytes"] + next_bytes > budget["bytes"]:
         return "bytes"
+    if "money" in budget:
+        spent_money = money(writes=spent.get("spent_writes") or 0, bytes_=spent["spent_bytes"])
+        if spent_money + money(writes=next_writes, bytes_=next_bytes) > budget["money"]:
+            return "money"
     return None
+
+
+def budget_figures(run: AdminTaskRun, reason: str, cost: dict) -> str:
+    """A pause's detail: what was spent, what the next item would cost, the budget."""
+    spent = live_counters(run)
+    if reason == "money":
+        now = money(writes=spent.get("spent_writes") or 0, bytes_=spent["spent_bytes"])
+        nxt = money(writes=cost.get("writes", 0), bytes_=cost.get("bytes", 0))
+        return f"the next item would exceed the money budget: spent {now:.4f}, next item ~{nxt:.4f}, budget {run.budget['money']}"
+    return f"the next item would exceed the {reason} budget"
 
 
 # --- issues ------------------------------------------------------------------------------------

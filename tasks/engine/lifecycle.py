@@ -19,6 +19,7 @@ from tasks import selectors
 from tasks.engine.common import locked_run, notify, try_lock_run
 from tasks.engine.counters import append_issue, fold_pending
 from tasks.engine.errors import InvalidTransition
+from tasks.engine.finishes import finish_record
 from tasks.engine.queries import SQL, PendingCounters
 from tasks.models import AdminTaskItem, AdminTaskRun, ItemState, RunStatus
 from tasks.registry import ItemFailure, TaskDefinition
@@ -138,7 +139,10 @@ def finish(run: AdminTaskRun, status: RunStatus, *, error: str = "", fields: Ite
         run.last_error = error[:2000]
         fields.append("last_error")
     run.timeline = [*(run.timeline or []), [round(time.time(), 1), run.processed]][-TIMELINE_MAX_POINTS:]
+    run.finish_seq += 1  # this terminal transition's record, written in the same transaction
+    fields.append("finish_seq")
     transition(run, status, fields=dict.fromkeys(fields), error=error or None)
+    finish_record(run)
     if status != RunStatus.SUCCEEDED:
         AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING).update(claimed=False)
 

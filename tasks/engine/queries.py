@@ -83,6 +83,7 @@ class CheckpointRow(NamedTuple):
     spent_items: int | None
     spent_seconds: float | None
     spent_bytes: int | None
+    spent_writes: int | None
     notified: Any = None  # folds only: the NOTIFY call's result
 
 

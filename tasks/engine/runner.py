@@ -19,6 +19,7 @@ from django.db.models import Model
 from tasks import selectors
 from tasks.engine.checkpoint import CheckpointState, Outcome, checkpoint, release_batch
 from tasks.engine.claims import Claim
+from tasks.engine.items import item_start
 from tasks.engine.lifecycle import pause_for
 from tasks.models import RunStatus
 from tasks.registry import ItemFailure, ItemOutcome, ItemResult, RunFatal, TaskDefinition
@@ -130,13 +131,17 @@ def work_batch(
     """Process the claim's remaining items. Returns False when this worker must stop."""
     remaining = claim.item_ids[claim.position :]
     items = {obj.pk: obj for obj in defn.item_queryset().filter(pk__in=remaining)}
-    ledger = selectors.run_ledger(run_id=run_id, item_ids=remaining) if claim.is_retry else {}
+    ledger = selectors.run_ledger(run_id=run_id, item_ids=remaining) if claim.is_retry or claim.per_item else {}
     for index, item_id in enumerate(remaining):
         item = items.get(item_id)
         if item is None:  # gone since the claim
             outcome = Outcome(ItemOutcome.SKIPPED, result=ItemResult(ItemOutcome.SKIPPED))
         else:
+            if claim.per_item:
+                item_start(run_id=run_id, defn=defn, item_id=item_id)
             outcome = process_one(defn, run_id, item, worker, scope)
+            if claim.per_item and outcome.kind == ItemOutcome.SUCCEEDED and defn.item_result is not None:
+                outcome.detail = _item_result(defn, item)
         if outcome.kind == ItemOutcome.STOPPED:
             release_batch(run_id, defn, owner, claim)
             return False
@@ -154,6 +159,15 @@ def work_batch(
                 release_batch(run_id, defn, owner, claim)
             return go_on
     return True
+
+
+def _item_result(defn: TaskDefinition, item: Model) -> dict | None:
+    """The definition's item_result; a failure there never costs the item its success."""
+    try:
+        return defn.item_result(item)
+    except Exception:
+        logger.exception("item_result of %s item %s failed", defn.key, getattr(item, "pk", item))
+        return None
 
 
 def _after_item(

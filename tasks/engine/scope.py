@@ -13,7 +13,7 @@ from tasks.engine.common import definition
 from tasks.engine.errors import InvalidBudget, InvalidScope
 from tasks.registry import ScopeError, TaskDefinition
 
-BUDGET_KEYS = {"items": int, "seconds": (int, float), "bytes": int}
+BUDGET_KEYS = {"items": int, "seconds": (int, float), "bytes": int, "money": (int, float)}
 
 
 def normalize_scope(*, task_key: str, scope: Any) -> dict:
@@ -32,7 +32,12 @@ def normalize_budget(budget: Any) -> dict:
     out = {}
     for key, value in budget.items():
         if key not in BUDGET_KEYS:
-            raise InvalidBudget(f"unknown budget key {key!r}; allowed: items, seconds, bytes", details={"field": key})
+            raise InvalidBudget(f"unknown budget key {key!r}; allowed: {', '.join(BUDGET_KEYS)}", details={"field": key})
+        if key == "money" and not (settings.PICSITE_PRICE_PER_1K_WRITES or settings.PICSITE_PRICE_PER_GB):
+            raise InvalidBudget(
+                "a money budget needs prices: set PICSITE_PRICE_PER_1K_WRITES and/or PICSITE_PRICE_PER_GB",
+                details={"field": key},
+            )
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, BUDGET_KEYS[key]) or value <= 0:

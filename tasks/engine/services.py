@@ -20,42 +20,59 @@ from tasks.engine.errors import (
     RunNotFound,
     StorageNotConfigured,
 )
+from tasks.engine.items import items_create
 from tasks.engine.lifecycle import finish, transition
 from tasks.engine.scope import normalize_budget, normalize_scope
-from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunStatus
+from tasks.engine.webhooks import callback_url_check
+from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunKind, RunStatus
 from tasks.registry import TaskUnavailable
 
 
-def create(*, task_key: str, scope: Any = None, budget: Any = None, user=None) -> AdminTaskRun:
-    """Create a queued run. Refuses with RunAlreadyActive, EmptyScope, StorageNotConfigured."""
+def create(
+    *, task_key: str, scope: Any = None, budget: Any = None, user=None, callback_url: str = ""
+) -> AdminTaskRun:
+    """Create a queued run. A scope of explicit ids makes a *batch* run (it coexists with
+    other runs and keeps a row per requested id); anything else a *library* run (one active
+    per task). Refuses with RunAlreadyActive, EmptyScope, StorageNotConfigured,
+    InvalidCallback."""
     defn = definition(task_key)
     normalized = normalize_scope(task_key=task_key, scope=scope)
     clean_budget = normalize_budget(budget)
+    callback = callback_url_check(callback_url) if callback_url else ""
     try:
         defn.check_available()
     except TaskUnavailable as exc:
         raise StorageNotConfigured(str(exc)) from exc
+    ids = defn.batch_ids(normalized)
     with transaction.atomic():
         lock_task(defn)  # serializes creates of one task; the partial unique index is the backstop
-        active = selectors.run_active(task_key=task_key)
-        if active is not None:
-            raise RunAlreadyActive(f"run #{active.pk} of {task_key} is {active.status}", details={"run_id": active.pk})
+        if ids is None:
+            active = selectors.run_active(task_key=task_key)
+            if active is not None:
+                raise RunAlreadyActive(f"run #{active.pk} of {task_key} is {active.status}", details={"run_id": active.pk})
         qs = defn.scope_queryset(normalized)
-        total = qs.count()
+        existing = set(qs.values_list("pk", flat=True)) if ids is not None else None
+        total = len(existing) if existing is not None else qs.count()
         if total == 0:
-            raise EmptyScope(f"nothing to do: the scope {normalized} matches no items")
+            details = {"missing": ids} if ids is not None else {}
+            raise EmptyScope(f"nothing to do: the scope {normalized} matches no items", details=details)
         run = AdminTaskRun(
             task_key=task_key,
+            kind=RunKind.BATCH if ids is not None else RunKind.LIBRARY,
             scope=normalized,
             budget=clean_budget,
             total=total,
-            max_item_id=qs.order_by("-pk").values_list("pk", flat=True).first(),
+            missing=len(ids) - total if ids is not None else 0,
+            max_item_id=max(existing) if existing is not None else qs.order_by("-pk").values_list("pk", flat=True).first(),
+            callback_url=callback,
             created_by=user if getattr(user, "is_authenticated", False) else None,
         )
         try:
             transition(run, RunStatus.QUEUED, event="created")
         except IntegrityError:
             raise RunAlreadyActive(f"another run of {task_key} is active") from None
+        if ids is not None:
+            items_create(run=run, ids=ids, existing=existing)
     return run
 
 
@@ -106,7 +123,7 @@ def retry_failed(*, run_id: int) -> AdminTaskRun:
         if run.status == RunStatus.CANCELLING:
             raise InvalidTransition(f"run #{run.pk} is cancelling")
         reopen = run.status in RunStatus.finished()
-        if reopen:
+        if reopen and run.kind == RunKind.LIBRARY:
             other = selectors.run_other_active(run=run)
             if other is not None:
                 raise RunAlreadyActive(f"run #{other.pk} of {run.task_key} is active")
@@ -163,7 +180,11 @@ def release_worker_batches(*, run_id: int, owner: str) -> None:
 
 def list_runs(*, task_key: str, limit: int = 10) -> dict:
     definition(task_key)
-    return {"active": selectors.run_active(task_key=task_key), "recent": selectors.runs_recent(task_key=task_key, limit=limit)}
+    return {
+        "active": selectors.run_active(task_key=task_key),  # the library run (one at most)
+        "active_runs": selectors.runs_active(task_key=task_key),  # every active run, batches first
+        "recent": selectors.runs_recent(task_key=task_key, limit=limit),
+    }
 
 
 def detail(*, run_id: int, task_key: str | None = None) -> dict:

@@ -7,7 +7,7 @@
 --   counters go to the run row, with its issue, the run lease and a NOTIFY, as the
 --   batch advances, ends (its last item) or is handed back.
 -- None of them writes the run's status: they read it, and the worker stops on what it reads.
--- Every one returns (lock ok, run status, budget, spent_items, spent_seconds, spent_bytes
+-- Every one returns (lock ok, run status, budget, spent_items, spent_seconds, spent_bytes, spent_writes
 -- [, notify]): status NULL means the batch is not this worker's any more and nothing was
 -- written; lock ok false means another worker of the run held the try-lock: try again.
 
@@ -84,7 +84,7 @@ r AS (
              WHERE n <= %(max_issues)s::int) END
       FROM b
      WHERE run.id = %(run)s::bigint
-    RETURNING run.status, run.budget, run.spent_items, run.spent_seconds, run.spent_bytes,
+    RETURNING run.status, run.budget, run.spent_items, run.spent_seconds, run.spent_bytes, run.spent_writes,
               run.processed, run.succeeded, run.skipped, run.failed, run.total
 ),
 o AS (
@@ -93,7 +93,7 @@ o AS (
       FROM (SELECT pending_processed, pending_succeeded, pending_skipped FROM tasks_admintaskbatch
              WHERE run_id = %(run)s::bigint AND id <> %(batch)s::bigint FOR SHARE) AS others
 )
-SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes,
+SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes, r.spent_writes,
        CASE WHEN r.status IS NULL THEN NULL ELSE pg_notify(%(channel)s::text, json_build_object(
            'run', %(run)s::bigint, 'event', 'progress', 'item_id', %(item_id)s::bigint, 'outcome', %(outcome)s::text,
            'code', %(code)s::text, 'status', r.status, 'counters', json_build_object(
@@ -116,7 +116,7 @@ b AS (
      WHERE {mine}
     RETURNING id
 )
-SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes
+SELECT lk.ok, r.status, r.budget, r.spent_items, r.spent_seconds, r.spent_bytes, r.spent_writes
   FROM lk LEFT JOIN tasks_admintaskrun r ON r.id = %(run)s::bigint AND EXISTS (SELECT 1 FROM b)
 
 -- name: fold_advance

@@ -15,7 +15,7 @@ SELECT coalesce(sum(jsonb_array_length(item_ids) - position), 0)
   FROM tasks_admintaskbatch WHERE run_id = %(run)s
 
 -- name: renew_leases
--- The heartbeat: every batch of the run this worker holds. A released batch has no
--- owner, so it is never renewed by mistake.
+-- The heartbeat: every batch this worker holds (of any run: a worker serves batch runs
+-- between its own). A released batch has no owner, so it is never renewed by mistake.
 UPDATE tasks_admintaskbatch SET lease_expires_at = now() + make_interval(secs => %(lease)s)
- WHERE run_id = %(run)s AND lease_owner = %(owner)s
+ WHERE lease_owner = %(owner)s
