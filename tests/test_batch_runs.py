@@ -345,3 +345,33 @@ def test_sigkills_around_completion_leave_one_finish_record_per_terminal_transit
     for headers, body in receiver.received:
         by_id.setdefault(headers["webhook-id"], set()).add(json.loads(body)["data"]["run_id"])
     assert all(len(runs_) == 1 for runs_ in by_id.values()) and len(by_id) == len(runs)
+
+
+def test_a_batch_served_by_a_backfill_worker_ends_while_that_worker_goes_on(monkeypatch):
+    """The worker used to settle runs it served only when its own kick ended (up to a drain
+    slice later): the batch's items were done in seconds, its status came 40 s later."""
+    monkeypatch.setenv("PICSITE_TEST_ITEM_DELAY", "0.05")
+    make_images(200)
+    library = engine.create(task_key=TEST_BATCH_TASK_KEY, scope={})
+    done = threading.Event()
+
+    def backfill() -> None:
+        try:
+            engine.kick(run_id=library.pk, time_budget_s=60)
+        finally:
+            done.set()
+            connection.close()
+
+    worker = threading.Thread(target=backfill)
+    worker.start()
+    try:
+        time.sleep(0.5)
+        batch = engine.create(task_key=TEST_BATCH_TASK_KEY, scope={"image_ids": [i.pk for i in make_images(3)]})
+        deadline = time.monotonic() + 30
+        while AdminTaskRun.objects.get(pk=batch.pk).status != RunStatus.SUCCEEDED and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert AdminTaskRun.objects.get(pk=batch.pk).status == RunStatus.SUCCEEDED
+        assert not done.is_set()  # the backfill's worker is still on its own run
+    finally:
+        engine.cancel(run_id=library.pk)
+        worker.join(60)

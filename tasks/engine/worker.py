@@ -93,6 +93,10 @@ def kick(
             except RunFatal as exc:
                 fail_run(target_run.pk, target_defn, str(exc))
                 go_on = target_run.pk != run_id
+            if target_run.pk != run_id:
+                # A batch run served between our own batches ends now, not when we stop.
+                settle(target_run.pk, target_defn)
+                finishes_process(run_id=target_run.pk)
             if not go_on and (target_run.pk == run_id or not _may_go_on(deadline)):
                 break
             if max_batches is not None and batches >= max_batches:
