@@ -9,7 +9,8 @@ equal encoder settings; skipped with a line when pyvips cannot load), bench_engi
 W=1/W=2 measurement), bench_memory.py ("memory"), bench_recovery.py ("recovery": SIGKILLed
 workers' batches taken over), bench_switch.py (adds variants.switch_gap_ms: advertised URLs
 during a regeneration), bench_gc.py ("gc": the variants-gc task deleting 20,000 local and
-2,000 moto objects, and listing). A bench that crashes is reported and the rest still run. Exit status: 1 if a
+2,000 moto objects, and listing), bench_batch.py ("batch": a batch beside a busy backfill,
+memory of a 100-photo batch). A bench that crashes is reported and the rest still run. Exit status: 1 if a
 bench crashed, or with --strict if a target was missed; else 0.
 """
 
@@ -36,6 +37,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("recovery", ["bench_recovery.py"]),
     ("switch", ["bench_switch.py"]),
     ("gc", ["bench_gc.py"]),
+    ("batch", ["bench_batch.py"]),
 ]
 
 # (results key, field, comparison, threshold, note); the peer goals are bench_peer.TARGETS.
@@ -55,6 +57,8 @@ TARGETS: list[tuple[str, str, str, object, str]] = [
     ("memory", "within_bound", "==", True, "every peak RSS <= bound_mb"),
     ("recovery", "adopt_s_p95", "<=", 45, "SIGKILLed worker's batch taken over (s, default lease)"),
     ("variants", "switch_gap_ms", "==", 0, "longest an advertised URL failed during a regeneration"),
+    ("batch", "latency_ratio", "<=", 1.3, "20-item batch beside a busy backfill / alone"),
+    ("batch", "within_bound", "==", True, "100-photo batch, 2 workers: peak RSS <= PICSITE_WORKER_MEMORY_MB"),
 ]
 
 OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}
