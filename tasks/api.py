@@ -39,7 +39,6 @@ from psycopg.conninfo import make_conninfo
 from api import push_sign
 from api.auth import Access, ApiAuthError, api_authorize, api_error
 from api.push_replay import push_signature_use_record
-from gallery.models import Image
 from tasks import engine, registry, serializers
 from tasks.jobs import start_run_drains
 from tasks.models import PERM_RUN_TASKS, PERM_VIEW_RUNS, AdminTaskRun, RunStatus
@@ -321,15 +320,10 @@ def _run_of_task(*, task_key: str, run_id: int) -> AdminTaskRun:
     return run
 
 
-def _thumbnails(*, task_key: str, item_ids: list[int]) -> dict[int, str | None]:
-    """Smallest ready WebP of each item that is a gallery Image with variants."""
-    if not item_ids or registry.get(task_key).item_queryset().model is not Image:
-        return {}
-    from gallery.selectors import VariantStores, image_thumbnail_url
-
-    stores = VariantStores()
-    images = Image.objects.filter(pk__in=item_ids, ready_max_width__gt=0).select_related("serving_set")
-    return {image.pk: image_thumbnail_url(image=image, stores=stores) or None for image in images}
+def _thumbnails(*, task_key: str, item_ids: list[int]) -> dict[int, str]:
+    """The definition's thumbnails of these items, if it has any."""
+    hook = registry.get(task_key).item_thumbnail_urls
+    return hook(item_ids) if hook is not None and item_ids else {}
 
 
 def _run_json(run: AdminTaskRun, *, status: int = 200) -> JsonResponse:

@@ -13,7 +13,6 @@ from typing import Any
 
 from tasks import registry
 from tasks.models import ItemState, RunStatus
-from tasks.urls import TASK_API_PREFIXES
 
 MAX_BIGINT = 2**63 - 1
 MAX_EXPLICIT_IDS = 500
@@ -634,9 +633,10 @@ def openapi_document() -> dict[str, Any]:
         **_image_path(),
     }
     scope_schemas: dict[str, Schema] = {}
-    for prefix, task_key in TASK_API_PREFIXES.items():
-        paths.update(_task_paths(prefix, task_key))
-        scope_schemas[_scope_schema_name(task_key)] = _scope_schema(registry.get(task_key))
+    listed = [d for d in registry.all_definitions() if d.listed]
+    for defn in listed:
+        paths.update(_task_paths(defn.api_prefix, defn.key))
+        scope_schemas[_scope_schema_name(defn.key)] = _scope_schema(defn)
     return {
         "openapi": "3.0.3",
         "info": {
@@ -649,7 +649,7 @@ def openapi_document() -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearerAuth": []}, {"cookieAuth": []}],
-        "tags": [{"name": registry.get(key).title} for key in TASK_API_PREFIXES.values()]
+        "tags": [{"name": defn.title} for defn in listed]
         + [{"name": "Gallery"}, {"name": "Meta"}],
         "paths": paths,
         "components": _components(scope_schemas),

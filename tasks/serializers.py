@@ -69,7 +69,7 @@ def item_to_dict(item: AdminTaskItem, *, thumbnail_url: str | None) -> dict[str,
 
 
 def run_detail_to_dict(
-    *, run: AdminTaskRun, items: list[AdminTaskItem], thumbnails: dict[int, str | None]
+    *, run: AdminTaskRun, items: list[AdminTaskItem], thumbnails: dict[int, str]
 ) -> dict[str, Any]:
     return {
         **run_to_dict(run),

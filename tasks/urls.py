@@ -1,39 +1,32 @@
-"""Task API routes, included by picsite/urls.py under ``api/v1/``.
-
-Each task gets the same routes under its own prefix; the prefix picks the task key.
-URL names are namespaced by prefix, e.g. ``preprocess-tasks:run-detail``.
-"""
+"""Task API routes, included by picsite/urls.py under ``api/v1/``: the same routes for
+every registered task under its definition's ``api_prefix``; URL names from
+``registry.api_url_name`` (e.g. ``preprocess-tasks-run-detail``)."""
 
 from __future__ import annotations
 
 from django.urls import URLPattern, include, path
 
-from tasks import api
-
-# URL prefix under /api/v1/ -> task key
-TASK_API_PREFIXES: dict[str, str] = {
-    "preprocess-tasks": "preprocess-images",
-    "tasks": "metadata-refresh",
-    "variants-gc-tasks": "variants-gc",
-}
+from tasks import api, registry
+from tasks.registry import TaskDefinition
 
 
-def task_api_patterns(task_key: str) -> list[URLPattern]:
-    key = {"task_key": task_key}
+def task_api_patterns(defn: TaskDefinition) -> list[URLPattern]:
+    key = {"task_key": defn.key}
+
+    def name(route: str) -> str:
+        return registry.api_url_name(defn, route)
+
     return [
-        path("preview-count", api.preview_count, key, name="preview-count"),
-        path("runs", api.runs, key, name="runs"),
-        path("runs/<int:run_id>", api.run_detail, key, name="run-detail"),
-        path("runs/<int:run_id>/kick", api.run_kick, key, name="run-kick"),
-        path("runs/<int:run_id>/cancel", api.run_cancel, key, name="run-cancel"),
-        path("runs/<int:run_id>/retry-failed", api.run_retry_failed, key, name="run-retry-failed"),
-        path("runs/<int:run_id>/budget", api.run_budget, key, name="run-budget"),
-        path("runs/<int:run_id>/events", api.run_events, key, name="run-events"),
-        path("tick", api.tick, key, name="tick"),
+        path("preview-count", api.preview_count, key, name=name("preview-count")),
+        path("runs", api.runs, key, name=name("runs")),
+        path("runs/<int:run_id>", api.run_detail, key, name=name("run-detail")),
+        path("runs/<int:run_id>/kick", api.run_kick, key, name=name("run-kick")),
+        path("runs/<int:run_id>/cancel", api.run_cancel, key, name=name("run-cancel")),
+        path("runs/<int:run_id>/retry-failed", api.run_retry_failed, key, name=name("run-retry-failed")),
+        path("runs/<int:run_id>/budget", api.run_budget, key, name=name("run-budget")),
+        path("runs/<int:run_id>/events", api.run_events, key, name=name("run-events")),
+        path("tick", api.tick, key, name=name("tick")),
     ]
 
 
-urlpatterns = [
-    path(f"{prefix}/", include((task_api_patterns(task_key), "tasks_api"), namespace=prefix))
-    for prefix, task_key in TASK_API_PREFIXES.items()
-]
+urlpatterns = [path(f"{defn.api_prefix}/", include(task_api_patterns(defn))) for defn in registry.all_definitions()]
