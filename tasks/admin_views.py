@@ -60,7 +60,7 @@ def task_api_base(defn: TaskDefinition) -> str | None:
     """Where the task's API lives (the ``api`` app derives its routes from the registry);
     None if it has none (the card then says so instead of breaking)."""
     try:
-        return reverse(registry.api_url_name(defn, "runs")).removesuffix("runs")
+        return reverse(registry.api_url_name(defn, "runs-list")).removesuffix("runs")
     except NoReverseMatch:
         return None
 

@@ -225,7 +225,7 @@ def by_command(command: str) -> TaskDefinition:
 
 
 def api_url_name(definition: TaskDefinition, route: str) -> str:
-    """The URL name of one of a task's API routes ("runs", "run-detail", ...): how the
+    """The URL name of one of a task's API routes ("runs-list", "run-detail", ...): how the
     /admin/tasks page finds the routes the ``api`` app derives, without importing it."""
     return f"{definition.api_prefix}-{route}"
 
