@@ -16,8 +16,10 @@ install: $(STAMP)
 run: install
 	$(PY) -m picsite.devserver
 
+# ruff, then the import contracts of pyproject.toml's [tool.importlinter] (docs/architecture.md).
 lint: install
 	.venv/bin/ruff check .
+	.venv/bin/lint-imports --no-cache
 
 test: install lint
 	$(PY) -m pytest

@@ -25,42 +25,23 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.core.exceptions import PermissionDenied
 from django.db.models import Q
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 
+from api.errors import ApiError
 from api.models import DEFAULT_SCOPES, SCOPE_ORDER, ApiToken, token_scopes_normalize
 
 TOKEN_PREFIX = "pst_"
 LAST_USED_RESOLUTION = timedelta(minutes=1)
 
 
-class ApiAuthError(Exception):
-    """The caller presented credentials that must be refused (e.g. a failed CSRF check)."""
-
-    def __init__(self, *, status: int, code: str, message: str, details: Any = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details = details
-
-    def response(self) -> JsonResponse:
-        return api_error(self.status, self.code, self.message, self.details)
-
-
-def api_error(status: int, code: str, message: str, details: Any = None) -> JsonResponse:
-    """``{"error": {"code", "message", "details"}}`` with the given HTTP status.
-
-    ``details`` is always present (``{}`` when there is nothing to add).
-    """
-    body = {"code": code, "message": message, "details": {} if details is None else details}
-    return JsonResponse({"error": body}, status=status)
+class ApiAuthError(ApiError):
+    """The caller must be refused: no or bad credentials, a failed CSRF check, not allowed."""
 
 
 # --- tokens ---------------------------------------------------------------------------------

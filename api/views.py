@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.http import HttpRequest, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from api.auth import api_error
+from api.errors import api_error
 
 
 @csrf_exempt

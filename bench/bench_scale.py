@@ -278,8 +278,11 @@ def runs_work() -> int:
 
     listing = engine.list_runs(task_key=PREVIEW_TASK, limit=10)
     try:
-        from tasks.serializers import run_list_to_dict
-    except ImportError:  # serializers not there yet: the same fields by hand
+        from api.tasks.schemas import run_list_out
+
+        def run_list_to_dict(*, active, recent):
+            return run_list_out(active=active, recent=recent).model_dump(mode="json", exclude_unset=True)
+    except ImportError:  # the API's schemas not there yet: the same fields by hand
         def run_list_to_dict(*, active, recent):
             fields = [f.attname for f in type(recent[0])._meta.concrete_fields] if recent else []
 

@@ -166,6 +166,15 @@ def image_thumbnail_url(*, image: Image, stores: VariantStores) -> str:
     return variant_url(image=image, vset=vset, store=store, width=widths[0], fmt=fallback_format(vset.formats).name)
 
 
+def image_thumbnail_urls(*, image_ids: list[int]) -> dict[int, str]:
+    """``image_thumbnail_url`` of each of ``image_ids`` that has a ready tier (the others
+    are left out), in one query."""
+    stores = VariantStores()
+    images = Image.objects.filter(pk__in=image_ids, ready_max_width__gt=0).select_related("serving_set")
+    urls = {image.pk: image_thumbnail_url(image=image, stores=stores) for image in images}
+    return {pk: url for pk, url in urls.items() if url}
+
+
 def image_variant_sets(*, image: Image, stores: VariantStores) -> dict:
     """The image's serving set and its candidates, with the URLs of their ready tiers."""
     sets = list(VariantSet.objects.filter(image=image).exclude(state=VariantSetState.RECLAIMING).order_by("-id"))

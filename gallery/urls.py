@@ -1,21 +1,13 @@
-"""Gallery routes.
-
-``urlpatterns`` is the ``gallery`` namespace (``gallery:grid``, ``gallery:detail``);
-``api_urlpatterns`` are un-namespaced (``api-images``). picsite/urls.py includes both.
-"""
+"""Gallery pages: the ``gallery`` namespace (``gallery:grid``, ``gallery:detail``).
+The gallery's JSON routes are the ``api`` app's (``api.images``)."""
 
 from django.urls import path
 
-from gallery import api, views
+from gallery import views
 
 app_name = "gallery"
 
 urlpatterns = [
     path("", views.grid, name="grid"),
     path("photos/<int:image_id>/", views.detail, name="detail"),
-]
-
-api_urlpatterns = [
-    path("api/v1/images", api.images_create, name="api-images"),
-    path("api/v1/images/<int:image_id>", api.image_detail, name="api-image"),
 ]

@@ -1,7 +1,7 @@
 """The /admin/tasks/ page: one panel per registered task, driven by the JSON API.
 
 The page is a thin shell: the view only describes each task (title, scope choices
-derived from the definition's ``scope_fields``, API base URL) and the browser does
+and their labels, API base URL: all from its definition) and the browser does
 the rest through ``/api/v1/...`` (preview count, start, cancel, retry failed, live
 progress over SSE with a polling fallback). Staff only, through
 ``admin.site.admin_view`` so anyone else gets the admin login; then the same
@@ -20,39 +20,11 @@ from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse
 from django.middleware.csrf import get_token
 from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, reverse
 
 from tasks import registry
 from tasks.models import PERM_RUN_TASKS, PERM_VIEW_RUNS
 from tasks.registry import TaskDefinition
-
-# Where each task's API lives (tasks/urls.py). A task missing here gets a panel that
-# says so instead of a broken one.
-API_BASES = {
-    "preprocess-images": "/api/v1/preprocess-tasks/",
-    "metadata-refresh": "/api/v1/tasks/",
-    "variants-gc": "/api/v1/variants-gc-tasks/",
-}
-
-# What an empty scope means for each task (the definition's normalize_scope default).
-DEFAULT_SCOPE_LABELS = {
-    "preprocess-images": ("Missing", "Images with no variants yet, or made with an older recipe"),
-    "metadata-refresh": ("All", "Every live image"),
-    "variants-gc": (
-        "Everything",
-        "Superseded sets and deleted photos past the grace period, and orphan objects (lists the storage)",
-    ),
-}
-
-FIELD_LABELS = {
-    "force": "Force all",
-    "stale": "Stale",
-    "failed_only": "Failed only",
-    "missing_only": "Missing only",
-    "image_ids": "Explicit ids",
-    "skip_orphans": "No orphan sweep",
-}
-
-HIDDEN_KEY_PREFIXES = ("test-",)
 
 
 @dataclass
@@ -78,30 +50,28 @@ class TaskPanel:
 
 def scope_options(defn: TaskDefinition) -> list[ScopeOption]:
     """Radio choices for a task's scope: the default first, then one per scope field."""
-    label, help_text = DEFAULT_SCOPE_LABELS.get(defn.key, ("Default", "The task's default scope"))
-    options = [ScopeOption(value="", label=label, help=help_text, kind="default")]
+    options = [ScopeOption(value="", label=defn.default_scope_label, help=defn.default_scope_help, kind="default")]
     for f in defn.scope_fields:
-        options.append(
-            ScopeOption(
-                value=f.name,
-                label=FIELD_LABELS.get(f.name, f.name.replace("_", " ").capitalize()),
-                help=f.help,
-                kind=f.type,
-                choices=tuple(f.choices),
-            )
-        )
+        options.append(ScopeOption(value=f.name, label=f.label, help=f.help, kind=f.type, choices=tuple(f.choices)))
     return options
 
 
+def task_api_base(defn: TaskDefinition) -> str | None:
+    """Where the task's API lives (the ``api`` app derives its routes from the registry);
+    None if it has none (the card then says so instead of breaking)."""
+    try:
+        return reverse(registry.api_url_name(defn, "runs-list")).removesuffix("runs")
+    except NoReverseMatch:
+        return None
+
+
+def task_panel(defn: TaskDefinition) -> TaskPanel:
+    return TaskPanel(key=defn.key, title=defn.title, api_base=task_api_base(defn), options=scope_options(defn))
+
+
 def task_panels() -> list[TaskPanel]:
-    panels = []
-    for defn in registry.all_definitions():
-        if defn.key.startswith(HIDDEN_KEY_PREFIXES):
-            continue
-        panels.append(
-            TaskPanel(key=defn.key, title=defn.title, api_base=API_BASES.get(defn.key), options=scope_options(defn))
-        )
-    return panels
+    """One card per listed task."""
+    return [task_panel(defn) for defn in registry.all_definitions() if defn.listed]
 
 
 def _tasks_page(request: HttpRequest) -> HttpResponse:

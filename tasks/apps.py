@@ -1,4 +1,5 @@
 from django.apps import AppConfig
+from django.core import checks
 from django.db.models.signals import post_migrate
 
 
@@ -9,6 +10,9 @@ class TasksConfig(AppConfig):
     def ready(self) -> None:
         # Importing the definitions registers them.
         from tasks import definitions  # noqa: F401
+        from tasks.checks import task_commands_check
+
+        checks.register(task_commands_check)
 
         # Every deployment that migrates gets the tick schedule (adopts dead workers' batches).
         post_migrate.connect(_ensure_tick_schedule, sender=self)

@@ -1,8 +1,9 @@
 """Run a task from the command line: create a run (or adopt the active one) and drain
 it in this process with ``engine.kick``.
 
-The management commands (``preprocess_backfill``, ``metadata_refresh``, ``taskrun``)
-only parse arguments and call ``run_cli``. Exit codes:
+The management commands only parse arguments and call ``run_cli``: ``taskrun KEY`` runs
+any registered task, and a definition that declares a ``command`` gets one of its own
+(``preprocess_backfill``, ``metadata_refresh``, ``variants_gc``: ``task_command``). Exit codes:
 
 0  the run succeeded (individual items may still have failed; they are listed),
    or there was nothing to do, or a dry run
@@ -181,8 +182,7 @@ def run_cli(
     try:
         defn = registry.get(task_key)
     except registry.UnknownTask:
-        known = ", ".join(d.key for d in registry.all_definitions() if not d.key.startswith("test-"))
-        _line(stderr, f"error: unknown task {task_key!r} (known: {known})")
+        _line(stderr, f"error: unknown task {task_key!r} (known: {known_task_keys()})")
         return EXIT_USAGE
     try:
         preview = engine.preview_count(task_key=task_key, scope=scope)
@@ -458,14 +458,14 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
 
 class TaskCommand(BaseCommand):
     """``manage.py <command>`` for one task: a flag per scope field of its definition
-    (``force`` -> ``--force``, ``image_ids`` -> ``--ids 1,2,3``), budget flags, ``--dry-run``
-    and ``--stall-seconds``. A command module sets ``task_key`` and ``help``."""
+    (``force`` -> ``--force``, ``image_ids`` -> its declared ``--ids 1,2,3``), budget flags,
+    ``--dry-run`` and ``--stall-seconds``. Made by ``task_command``."""
 
     task_key: str
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         for scope_field in registry.get(self.task_key).scope_fields:
-            flag = "--ids" if scope_field.name == "image_ids" else "--" + scope_field.name.replace("_", "-")
+            flag = scope_field.flag
             if scope_field.type == ScopeFieldType.BOOL:
                 parser.add_argument(flag, dest=scope_field.name, action="store_true", help=scope_field.help)
             elif scope_field.type == ScopeFieldType.INT_LIST:
@@ -493,6 +493,17 @@ class TaskCommand(BaseCommand):
         except UsageError as exc:
             usage_exit(self, str(exc))
         run_command(self, task_key=self.task_key, scope=scope, budget=budget_from_options(options), options=options)
+
+
+def task_command(command: str) -> type[TaskCommand]:
+    """The ``Command`` class of the task that declares ``command`` (its module in
+    ``tasks/management/commands/`` is this one call: Django finds commands by file name)."""
+    defn = registry.by_command(command)
+    return type("Command", (TaskCommand,), {"task_key": defn.key, "help": defn.command_help or defn.title})
+
+
+def known_task_keys() -> str:
+    return ", ".join(d.key for d in registry.all_definitions() if d.listed)
 
 
 def budget_from_options(options: dict) -> dict | None:

@@ -1,7 +1,11 @@
-"""Task definitions: what the engine needs to know about one kind of run.
+"""Task definitions: what the engine needs to know about one kind of run, and what its
+surfaces are made from.
 
-A definition is data plus three small functions; adding a task is one module in
-``tasks/definitions/`` that calls ``register``.
+A definition is data plus a few small functions; adding a task is one module in
+``tasks/definitions/`` that calls ``register`` (and one import line in its ``__init__``).
+Everything else is derived from the registry: the JSON API routes, their pydantic schemas
+and the OpenAPI document (``api.tasks``), the /admin/tasks card (``tasks.admin_views``) and
+the command line (``manage.py taskrun KEY``, and the definition's own ``command``).
 """
 
 from __future__ import annotations
@@ -101,15 +105,28 @@ class ScopeFieldType(StrEnum):
     CHOICE = "choice"
 
 
+MAX_SCOPE_IDS = 500
+
+
 @dataclass(frozen=True)
 class ScopeField:
+    """One key of a task's scope; the API's scope schema and query parameters, the admin
+    card's radio choice and the command's flag are made from it."""
+
     name: str
     type: ScopeFieldType  # a plain string with one of its values is accepted
     help: str
     choices: tuple[str, ...] = ()
+    label: str = ""  # the admin card's radio label; "" = the name, capitalized
+    flag: str = ""  # the command-line flag; "" = --name-with-dashes
+    max_items: int = MAX_SCOPE_IDS  # an int_list takes at most this many ids
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "type", ScopeFieldType(self.type))
+        if not self.label:
+            object.__setattr__(self, "label", self.name.replace("_", " ").capitalize())
+        if not self.flag:
+            object.__setattr__(self, "flag", "--" + self.name.replace("_", "-"))
 
 
 @dataclass(frozen=True)
@@ -152,6 +169,27 @@ class TaskDefinition:
     item_result: Callable[[Model], dict[str, Any]] | None = None
     # Called once for each terminal transition of a run (its AdminTaskRunFinish record).
     on_finish: Callable[[Any], None] | None = None
+    # Thumbnails shown beside failed items: item ids -> URL (ids without one left out).
+    # None: none (the API knows nothing of what an item is).
+    item_thumbnail_urls: Callable[[list[int]], dict[int, str]] | None = None
+
+    # --- surfaces -----------------------------------------------------------------------
+    # The JSON API's prefix under /api/v1/ ("" = the key).
+    api_prefix: str = ""
+    # A manage.py command of its own (Django finds commands by file name, so it also needs
+    # a two-line module in tasks/management/commands/; check tasks.E001 says when it is
+    # missing). "" = none: ``manage.py taskrun KEY`` runs every task.
+    command: str = ""
+    command_help: str = ""
+    # What the empty scope means, on the /admin/tasks card.
+    default_scope_label: str = "Default"
+    default_scope_help: str = "The task's default scope"
+    # Shown on /admin/tasks and among the command line's known tasks (test tasks are not).
+    listed: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.api_prefix:
+            object.__setattr__(self, "api_prefix", self.key)
 
 
 _REGISTRY: dict[str, TaskDefinition] = {}
@@ -164,9 +202,13 @@ class UnknownTask(KeyError):
 def register(definition: TaskDefinition) -> TaskDefinition:
     if definition.key in _REGISTRY and _REGISTRY[definition.key] is not definition:
         raise ValueError(f"task {definition.key!r} registered twice")
-    lock_ids = {d.lock_id for k, d in _REGISTRY.items() if k != definition.key}
-    if definition.lock_id in lock_ids:
+    others = [d for k, d in _REGISTRY.items() if k != definition.key]
+    if definition.lock_id in {d.lock_id for d in others}:
         raise ValueError(f"lock id {definition.lock_id} already used")
+    if definition.api_prefix in {d.api_prefix for d in others}:
+        raise ValueError(f"API prefix {definition.api_prefix!r} already used")
+    if definition.command and definition.command in {d.command for d in others}:
+        raise ValueError(f"command {definition.command!r} already used")
     _REGISTRY[definition.key] = definition
     return definition
 
@@ -180,6 +222,20 @@ def get(key: str) -> TaskDefinition:
 
 def all_definitions() -> list[TaskDefinition]:
     return sorted(_REGISTRY.values(), key=lambda d: d.key)
+
+
+def by_command(command: str) -> TaskDefinition:
+    """The definition that declares ``command`` as its manage.py command."""
+    for definition in _REGISTRY.values():
+        if definition.command == command:
+            return definition
+    raise UnknownTask(command)
+
+
+def api_url_name(definition: TaskDefinition, route: str) -> str:
+    """The URL name of one of a task's API routes ("runs-list", "run-detail", ...): how the
+    /admin/tasks page finds the routes the ``api`` app derives, without importing it."""
+    return f"{definition.api_prefix}-{route}"
 
 
 def scope_bool(scope: dict, name: str) -> bool:

@@ -14,6 +14,7 @@ import time
 from django.db.models import F
 
 from gallery.models import Image
+from gallery.selectors import image_thumbnail_urls
 from tasks import engine
 from tasks.models import RunStatus
 from tasks.registry import (
@@ -71,6 +72,8 @@ DEFINITION = register(
         item_queryset=lambda: Image.objects.all(),
         process=_process,
         cost=CostModel(seconds_per_item=0.01, bytes_per_item=1000, writes_per_item=2),
+        item_thumbnail_urls=lambda ids: image_thumbnail_urls(image_ids=ids),
+        listed=False,  # not on /admin/tasks nor among the CLI's known tasks
     )
 )
 

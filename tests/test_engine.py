@@ -433,7 +433,7 @@ def test_worker_that_lost_its_lease_writes_nothing():
 
 
 def test_fast_checkpoints_hold_clean_items_on_the_batch_and_readers_add_them():
-    from tasks.serializers import run_to_dict
+    from api.tasks.schemas import run_json as run_to_dict
 
     make_images(8)
     run = engine.create(task_key=TEST_TASK_KEY, scope={})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from gallery.imaging import ImageRejected
 from gallery.models import Image
+from gallery.selectors import image_thumbnail_urls
 from gallery.services import STORAGE_UNAVAILABLE, OriginalFetchError, image_refresh_metadata
 from gallery.storage_health import ORIGINALS, storages_recover
 from tasks.registry import (
@@ -68,7 +69,14 @@ DEFINITION = register(
         lease_seconds=30,  # renewed by the heartbeat every 5 s while the worker lives
         scope_fields=(
             ScopeField("missing_only", "bool", "Only images with no date and no camera"),
-            ScopeField("image_ids", "int_list", f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids"),
+            ScopeField(
+                "image_ids",
+                "int_list",
+                f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids",
+                label="Explicit ids",
+                flag="--ids",
+                max_items=MAX_EXPLICIT_IDS,
+            ),
         ),
         normalize_scope=normalize_scope,
         scope_queryset=scope_queryset,
@@ -77,5 +85,14 @@ DEFINITION = register(
         cost=CostModel(seconds_per_item=0.15),
         probe=lambda reason: storages_recover(storages=(ORIGINALS,)),
         batch_ids=lambda scope: scope["image_ids"] if scope.get("mode") == "ids" else None,
+        item_thumbnail_urls=lambda ids: image_thumbnail_urls(image_ids=ids),
+        api_prefix="tasks",  # the first task's prefix, kept for clients
+        command="metadata_refresh",
+        command_help=(
+            "Re-read EXIF metadata (dimensions, date, camera, lens, GPS) of every live image, or --missing-only, "
+            "or --ids. Ctrl-C cancels the run. Exit 0 succeeded, 1 failed/cancelled/paused, 2 usage."
+        ),
+        default_scope_label="All",
+        default_scope_help="Every live image",
     )
 )

@@ -18,7 +18,7 @@ from django.utils import timezone
 
 from gallery.imaging import encoder_problems
 from gallery.models import Image
-from gallery.selectors import VariantStores, variant_url
+from gallery.selectors import VariantStores, image_thumbnail_urls, variant_url
 from gallery.services import (
     STORAGE_UNAVAILABLE,
     ImageBusy,
@@ -168,11 +168,18 @@ DEFINITION = register(
         batch_size=4,
         lease_seconds=30,  # renewed by the heartbeat every 5 s while the worker lives
         scope_fields=(
-            ScopeField("force", "bool", "All live images, regenerated even when ready"),
+            ScopeField("force", "bool", "All live images, regenerated even when ready", label="Force all"),
             ScopeField("stale", "bool", "Only images made with an older recipe"),
             ScopeField("failed_only", "bool", "Only images whose last attempt failed"),
             ScopeField("new_only", "bool", "Only images never attempted (not ready, no recorded error)"),
-            ScopeField("image_ids", "int_list", f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids, regenerated"),
+            ScopeField(
+                "image_ids",
+                "int_list",
+                f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids, regenerated",
+                label="Explicit ids",
+                flag="--ids",
+                max_items=MAX_EXPLICIT_IDS,
+            ),
         ),
         normalize_scope=normalize_scope,
         scope_queryset=scope_queryset,
@@ -186,5 +193,15 @@ DEFINITION = register(
         batch_ids=batch_ids,
         item_result=item_result,
         idle_scope={"new_only": True},
+        item_thumbnail_urls=lambda ids: image_thumbnail_urls(image_ids=ids),
+        api_prefix="preprocess-tasks",
+        command="preprocess_backfill",
+        command_help=(
+            "Generate image variants for images that miss them (default), or --stale, --force (all, regenerated), "
+            "--failed-only, --new-only or --ids (regenerated). Ctrl-C cancels the run. "
+            "Exit 0 succeeded, 1 failed/cancelled/paused, 2 usage."
+        ),
+        default_scope_label="Missing",
+        default_scope_help="Images with no variants yet, or made with an older recipe",
     )
 )

@@ -646,6 +646,7 @@ DEFINITION = register(
                 "skip_orphans",
                 "bool",
                 "Only superseded sets and deleted photos past the grace: no listing of the storage, no orphan sweep",
+                label="No orphan sweep",
             ),
         ),
         normalize_scope=normalize_scope,
@@ -656,5 +657,16 @@ DEFINITION = register(
         check_available=check_available,
         probe=lambda reason: storages_recover(),
         preview_details=preview_details,
+        api_prefix="variants-gc-tasks",
+        command="variants_gc",
+        command_help=(
+            "Delete superseded variant sets and purge soft-deleted photos older than the grace period, and sweep "
+            "orphan variant objects (--skip-orphans: no sweep). --dry-run prints what would be reclaimed. "
+            "Ctrl-C cancels the run. Exit 0 succeeded, 1 failed/cancelled/paused, 2 usage."
+        ),
+        default_scope_label="Everything",
+        default_scope_help=(
+            "Superseded sets and deleted photos past the grace period, and orphan objects (lists the storage)"
+        ),
     )
 )

@@ -1,5 +1,5 @@
 """The engine's refusals: one type each, carrying the API's error code and HTTP status
-(``tasks.api`` maps them to ``{"error": {"code", "message", "details"}}``)."""
+(``api.errors`` maps them to ``{"error": {"code", "message", "details"}}``)."""
 
 from __future__ import annotations
 

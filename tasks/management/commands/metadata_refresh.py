@@ -1,17 +1,6 @@
-"""manage.py metadata_refresh: re-read EXIF for all, --missing-only, or --ids images.
+"""manage.py metadata_refresh: the metadata-refresh task, with a flag per scope field (its definition
+declares the command's name and help; see ``tasks.cli`` for the behaviour and exit codes)."""
 
-Creates a metadata-refresh run (or adopts the active one) and drains it in this
-process; see ``tasks.cli`` for the behaviour and exit codes.
-"""
+from tasks.cli import task_command
 
-from __future__ import annotations
-
-from tasks.cli import TaskCommand
-
-
-class Command(TaskCommand):
-    task_key = "metadata-refresh"
-    help = (
-        "Re-read EXIF metadata (dimensions, date, camera, lens, GPS) of every live image, or --missing-only, "
-        "or --ids. Ctrl-C cancels the run. Exit 0 succeeded, 1 failed/cancelled/paused, 2 usage."
-    )
+Command = task_command("metadata_refresh")

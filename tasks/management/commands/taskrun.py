@@ -8,15 +8,14 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand
 
-from tasks import cli, registry
+from tasks import cli
 
 
 class Command(BaseCommand):
     help = "Run a registered task by key, draining it in this process. Exit 0 succeeded, 1 failed/cancelled/paused, 2 usage."
 
     def add_arguments(self, parser):
-        keys = ", ".join(d.key for d in registry.all_definitions() if not d.key.startswith("test-"))
-        parser.add_argument("task_key", metavar="KEY", help=f"the task ({keys})")
+        parser.add_argument("task_key", metavar="KEY", help=f"the task ({cli.known_task_keys()})")
         parser.add_argument("--scope", metavar="JSON", help='scope object, e.g. \'{"force": true}\' (default {})')
         parser.add_argument(
             "--budget",
