@@ -139,6 +139,7 @@ def _set_json(image: Image, vset: VariantSet, stores: VariantStores) -> dict:
         "formats": vset.formats,
         "complete": vset.is_complete,
         "bytes": vset.bytes,
+        "params": vset.params,  # per-image choices, e.g. {"quality": {"avif": 52, "webp": 71}}
         "created_at": vset.created_at.isoformat(),
         "completed_at": vset.completed_at.isoformat() if vset.completed_at else None,
         "superseded_at": vset.superseded_at.isoformat() if vset.superseded_at else None,

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from django.urls import reverse
 from PIL import Image
 
 from gallery.imaging import (
@@ -23,6 +24,7 @@ from gallery.imaging.quality import quality_choose, quality_search, recipe_with_
 from gallery.models import Image as Photo
 from gallery.services import image_ingest, preprocess_image, variant_recipe_current
 from gallery.variant_sets import variant_key_version
+from tests.perms import grant
 from tests.test_variant_sets import FailingFrom
 
 SOURCE = "photos/webp_gallery_tree.webp"  # 1024 px wide: tiers 320..800, searched at 640
@@ -163,3 +165,16 @@ def test_the_chosen_qualities_never_make_an_image_stale(corpus, settings, local_
     # A change of the target is a new recipe: stale, as any recipe change.
     settings.PICSITE_QUALITY_TARGET = 75.0
     assert engine.preview_count(task_key="preprocess-images", scope={"stale": True}).count == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_api_and_the_admin_show_the_chosen_qualities(corpus, settings, local_storage, client, staff_user):
+    image = _auto_image(corpus, settings)
+    preprocess_image(image, local_storage)
+    chosen = _serving(image).params["quality"]
+    grant(staff_user, "gallery.view_image")
+    client.force_login(staff_user)
+    serving = client.get(f"/api/v1/images/{image.pk}").json()["variants"]["serving"]
+    assert serving["params"] == {"quality": chosen}
+    page = client.get(reverse("admin:gallery_image_change", args=[image.pk])).content.decode()
+    assert f"AVIF q{chosen['avif']}" in page and f"WebP q{chosen['webp']}" in page
