@@ -9,8 +9,10 @@ equal encoder settings; skipped with a line when pyvips cannot load), bench_engi
 W=1/W=2 measurement), bench_memory.py ("memory"), bench_recovery.py ("recovery": SIGKILLed
 workers' batches taken over), bench_switch.py (adds variants.switch_gap_ms: advertised URLs
 during a regeneration), bench_gc.py ("gc": the variants-gc task deleting 20,000 local and
-2,000 moto objects, and listing). A bench that crashes is reported and the rest still run. Exit status: 1 if a
-bench crashed, or with --strict if a target was missed; else 0.
+2,000 moto objects, and listing), bench_quality.py ("quality": content-adaptive quality
+against fixed: bytes, SSIMULACRA2 and time per photo). A bench that crashes is reported and
+the rest still run. Exit status: 1 if a bench crashed, or with --strict if a target was
+missed; else 0.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("recovery", ["bench_recovery.py"]),
     ("switch", ["bench_switch.py"]),
     ("gc", ["bench_gc.py"]),
+    ("quality", ["bench_quality.py"]),
 ]
 
 # (results key, field, comparison, threshold, note); the peer goals are bench_peer.TARGETS.
@@ -55,6 +58,10 @@ TARGETS: list[tuple[str, str, str, object, str]] = [
     ("memory", "within_bound", "==", True, "every peak RSS <= bound_mb"),
     ("recovery", "adopt_s_p95", "<=", 45, "SIGKILLed worker's batch taken over (s, default lease)"),
     ("variants", "switch_gap_ms", "==", 0, "longest an advertised URL failed during a regeneration"),
+    ("quality", "bytes_over_fixed", "<=", 0.85, "auto quality ladder bytes / fixed, same run"),
+    ("quality", "time_over_fixed", "<=", 1.3, "auto quality ladder time / fixed (search included)"),
+    ("quality", "mean_score_delta", ">=", 0, "mean SSIMULACRA2 per photo, auto - fixed"),
+    ("quality", "worst_photo_delta", ">=", -2, "lowest per-photo SSIMULACRA2 auto - fixed"),
 ]
 
 OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}
