@@ -77,6 +77,12 @@ def test_the_chosen_quality_stays_within_the_bounds():
             assert len(choice.probes[fmt]) <= quality.MAX_PROBES
 
 
+def test_a_tier_too_small_to_score_keeps_the_fixed_qualities_within_the_bounds():
+    tiny = Image.new("RGB", (5, 40), (90, 120, 200))  # SSIMULACRA2 needs 8 px on each side
+    choice = quality_search(tiny, replace(AUTO, webp_quality_ceiling=70))
+    assert choice.qualities == {"avif": AUTO.avif_quality, "webp": 70} and choice.probes == {}
+
+
 def test_the_search_is_a_pure_function_of_the_pixels_and_the_recipe():
     first = quality_search(_noisy(), AUTO)
     again = quality_search(_noisy(), replace(AUTO, encoder_threads=2))  # threads change speed, not bytes
