@@ -191,7 +191,7 @@ PICSITE_WEBP_METHOD = env.int("PICSITE_WEBP_METHOD", 2)  # measured: docs/encode
 # most MAX_DROP points below the fixed quality's own). Mode, target, drop and bounds are part
 # of the recipe in auto mode; the chosen qualities are per-image set parameters.
 PICSITE_QUALITY_MODE = env.str("PICSITE_QUALITY_MODE", "fixed", validate=validate.OneOf(["fixed", "auto"]))
-PICSITE_QUALITY_TARGET = env.float("PICSITE_QUALITY_TARGET", 70.0)
+PICSITE_QUALITY_TARGET = env.float("PICSITE_QUALITY_TARGET", 68.0)
 PICSITE_QUALITY_MAX_DROP = env.float("PICSITE_QUALITY_MAX_DROP", 2.0, validate=validate.Range(min=0))
 PICSITE_AVIF_QUALITY_FLOOR = env.int("PICSITE_AVIF_QUALITY_FLOOR", 35, validate=validate.Range(min=0, max=100))
 PICSITE_AVIF_QUALITY_CEILING = env.int("PICSITE_AVIF_QUALITY_CEILING", 80, validate=validate.Range(min=0, max=100))

@@ -27,7 +27,7 @@ from gallery.variant_sets import variant_key_version
 from tests.perms import grant
 from tests.test_variant_sets import FailingFrom
 
-SOURCE = "photos/webp_gallery_tree.webp"  # 1024 px wide: tiers 320..800, searched at 640
+SOURCE = "photos/webp_gallery_tree.webp"  # 1024 px wide: tiers 320..800, searched at 480
 AUTO = VariantRecipe(quality_mode="auto", quality_target=70.0, quality_max_drop=2.0, encoder_threads=1)
 
 

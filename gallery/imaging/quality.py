@@ -36,10 +36,11 @@ from gallery.imaging.formats import OutputFormat, output_formats
 from gallery.imaging.variants import VariantRecipe, encode_variant, render_tiers
 from gallery.ssimulacra2 import MIN_SIDE, Ssimulacra2Reference
 
-# The search tier: the image's tier nearest this width. Scoring costs ~75 ms per megapixel
-# and a probe is an encode, a decode and a score; 640 px (0.3 MP) keeps the search within the
-# time goal (bench/bench_quality.py) while still seeing the photo's texture.
-SEARCH_WIDTH = 640
+# The search tier: the image's tier nearest this width. A probe is an encode, a decode and a
+# score (~75 ms per megapixel). Measured on the corpus (CPU time, 1 encoder thread) the search
+# adds 26% to the fixed ladder at 480 px, 42% at 640 and 62% at 800, and 480 chooses about as
+# 640 does (bytes 1.05x vs 1.05x, mean score +1.2 vs +1.3 at target 70): docs/encoder-settings.md.
+SEARCH_WIDTH = 480
 MAX_PROBES = 3  # encodes per format, the first at the fixed quality
 # SSIMULACRA2 points per quality step near the defaults (corpus, 800 px tiers), used until
 # two probes give a measured slope.

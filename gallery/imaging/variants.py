@@ -42,7 +42,7 @@ class VariantRecipe:
     # encode scores at least quality_target in SSIMULACRA2 (and at most quality_max_drop
     # below the fixed quality's own score). Only "auto" puts these fields in the version.
     quality_mode: str = "fixed"
-    quality_target: float = 70.0
+    quality_target: float = 68.0
     quality_max_drop: float = 2.0
     avif_quality_floor: int = 35
     avif_quality_ceiling: int = 80
