@@ -9,7 +9,7 @@ reading ``gallery.view_image`` (scope ``read``). The work is ``gallery.importer`
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from django.http import HttpRequest
 from ninja import File, Router, UploadedFile
@@ -70,6 +70,7 @@ class VariantSet(BaseModel):
     formats: list[str]
     complete: bool
     bytes: int
+    params: dict[str, Any] = Field(description='Per-image encoder choices, e.g. {"quality": {"avif": 52, "webp": 71}}.')
     created_at: IsoDateTime
     completed_at: IsoDateTime | None
     superseded_at: IsoDateTime | None

@@ -10,8 +10,9 @@ W=1/W=2 measurement), bench_memory.py ("memory"), bench_recovery.py ("recovery":
 workers' batches taken over), bench_switch.py (adds variants.switch_gap_ms: advertised URLs
 during a regeneration), bench_gc.py ("gc": the variants-gc task deleting 20,000 local and
 2,000 moto objects, and listing), bench_batch.py ("batch": a batch beside a busy backfill,
-memory of a 100-photo batch). A bench that crashes is reported and the rest still run. Exit status: 1 if a
-bench crashed, or with --strict if a target was missed; else 0.
+memory of a 100-photo batch), bench_quality.py ("quality": content-adaptive quality against
+fixed: bytes, SSIMULACRA2 and time per photo). A bench that crashes is reported and the rest
+still run. Exit status: 1 if a bench crashed, or with --strict if a target was missed; else 0.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("switch", ["bench_switch.py"]),
     ("gc", ["bench_gc.py"]),
     ("batch", ["bench_batch.py"]),
+    ("quality", ["bench_quality.py"]),
 ]
 
 # (results key, field, comparison, threshold, note); the peer goals are bench_peer.TARGETS.
@@ -59,6 +61,10 @@ TARGETS: list[tuple[str, str, str, object, str]] = [
     ("variants", "switch_gap_ms", "==", 0, "longest an advertised URL failed during a regeneration"),
     ("batch", "latency_ratio", "<=", 1.3, "20-item batch beside a busy backfill / alone"),
     ("batch", "within_bound", "==", True, "100-photo batch, 2 workers: peak RSS <= PICSITE_WORKER_MEMORY_MB"),
+    ("quality", "bytes_over_fixed", "<=", 0.85, "auto quality ladder bytes / fixed, same run"),
+    ("quality", "time_over_fixed", "<=", 1.3, "auto quality ladder time / fixed (search included)"),
+    ("quality", "mean_score_delta", ">=", 0, "mean SSIMULACRA2 per photo, auto - fixed"),
+    ("quality", "worst_photo_delta", ">=", -2, "lowest per-photo SSIMULACRA2 auto - fixed"),
 ]
 
 OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}

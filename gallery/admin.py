@@ -16,8 +16,9 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
+from gallery.imaging import output_formats
 from gallery.importer import IngestSource, ingest_uploads
-from gallery.models import Image
+from gallery.models import Image, VariantSet
 from gallery.selectors import VariantStores, image_thumbnail_url
 from gallery.services import image_soft_delete
 
@@ -80,6 +81,15 @@ class LifecycleFilter(admin.SimpleListFilter):
 
 
 # --- admin ---------------------------------------------------------------------------------
+
+
+def _chosen_qualities(vset: VariantSet) -> str:
+    """" · quality AVIF q52, WebP q71": what an "auto" recipe chose for the set ("" if fixed)."""
+    chosen = (vset.params or {}).get("quality") or {}
+    if not chosen:
+        return ""
+    labels = {fmt.name: fmt.label for fmt in output_formats()}
+    return " · quality " + ", ".join(f"{labels.get(name, name)} q{q}" for name, q in chosen.items())
 
 
 @admin.register(Image)
@@ -204,11 +214,12 @@ class ImageAdmin(admin.ModelAdmin):
     def variant_sets_summary(self, obj: Image) -> str:
         rows = [
             format_html(
-                "<li><b>{}</b>{} — key {} · recipe {} · {} · ready {} of {}</li>",
+                "<li><b>{}</b>{} — key {} · recipe {}{} · {} · ready {} of {}</li>",
                 vset.state,
                 " (served)" if vset.pk == obj.serving_set_id else "",
                 vset.key_version or "legacy",
                 vset.recipe_version,
+                _chosen_qualities(vset),
                 f"{vset.storage_kind}:{vset.folder}",
                 ", ".join(map(str, vset.ready_widths)) or "none",
                 ", ".join(map(str, vset.widths)),

@@ -120,6 +120,13 @@ def variant_recipe_current() -> VariantRecipe:
         avif_speed=settings.PICSITE_AVIF_SPEED,
         webp_quality=settings.PICSITE_WEBP_QUALITY,
         webp_method=settings.PICSITE_WEBP_METHOD,
+        quality_mode=settings.PICSITE_QUALITY_MODE,
+        quality_target=settings.PICSITE_QUALITY_TARGET,
+        quality_max_drop=settings.PICSITE_QUALITY_MAX_DROP,
+        avif_quality_floor=settings.PICSITE_AVIF_QUALITY_FLOOR,
+        avif_quality_ceiling=settings.PICSITE_AVIF_QUALITY_CEILING,
+        webp_quality_floor=settings.PICSITE_WEBP_QUALITY_FLOOR,
+        webp_quality_ceiling=settings.PICSITE_WEBP_QUALITY_CEILING,
         # Concurrent encodes on this host = the django-q2 workers of this cluster.
         encoder_threads=settings.PICSITE_ENCODER_THREADS
         or imaging.default_encoder_threads(settings.Q_CLUSTER.get("workers")),
@@ -420,9 +427,11 @@ def _generate(
     image.refresh_from_db()
     if image.deleted_at is not None:
         raise ImageGone(f"image {image.pk} is deleted")
-    key_version = variant_key_version(recipe_version=recipe.version, storage_kind=storage.kind, folder=storage.folder)
     serving = image.serving_set
-    if serving is not None and serving.key_version == key_version and serving.is_complete and not force:
+    # The serving set is current when its key is what this recipe gives with the set's own
+    # per-image params: a choice made per image (say a quality) never makes it stale.
+    current = serving is not None and serving.key_version == _key_version(recipe, storage, serving.params)
+    if current and serving.is_complete and not force:
         return VariantOutcome(image.pk, image.ready_max_width, True, skipped=True)
     # Nothing changes for readers until a tier of the target set is stored: the serving set
     # stays served while a candidate is built beside it.
@@ -435,20 +444,42 @@ def _generate(
         meta = imaging.inspect_image(data, max_pixels=settings.PICSITE_MAX_PIXELS)
     except ImageRejected as exc:
         raise VariantGenerationError(stage="decode", code=exc.code, message=exc.message) from exc
-    with _set_writes(image.pk):
-        target = variant_set_target(
-            image=image,
-            token=token,
-            recipe_version=recipe.version,
-            key_version=key_version,
-            storage=storage,
-            widths=recipe.tier_widths(meta.width),
-        )
+    widths = recipe.tier_widths(meta.width)
     with _low_memory_slot(data, meta, cancel) as low_memory:
         if low_memory:
             recipe = replace(recipe, encoder_threads=1)
-        writer = _SetWriter(image=image, meta=meta, token=token, target=target, storage=storage, cancel=cancel, recipe=recipe)
+        params = _per_image_params(data, recipe=recipe, widths=widths, cancel=cancel)
+        with _set_writes(image.pk):
+            target = variant_set_target(
+                image=image,
+                token=token,
+                recipe_version=recipe.version,
+                key_version=_key_version(recipe, storage, params),
+                storage=storage,
+                widths=widths,
+                params=params,
+            )
+        encode_with = imaging.recipe_with_params(recipe, params)
+        writer = _SetWriter(image=image, meta=meta, token=token, target=target, storage=storage, cancel=cancel, recipe=encode_with)
         return _encode_and_store(writer, data, force=force)
+
+
+def _key_version(recipe: VariantRecipe, storage: VariantStore, params: dict) -> str:
+    return variant_key_version(recipe_version=recipe.version, storage_kind=storage.kind, folder=storage.folder, params=params)
+
+
+def _per_image_params(data: bytes, *, recipe: VariantRecipe, widths: list[int], cancel: CancelCheck) -> dict:
+    """The set's per-image parameters: the qualities an "auto" recipe chooses ({} when fixed).
+    A pure function of the bytes and the recipe, so a retry lands in the same set."""
+    try:
+        choice = imaging.quality_choose(data, recipe=recipe, widths=widths, max_pixels=settings.PICSITE_MAX_PIXELS, cancel=cancel)
+    except ImageRejected as exc:
+        raise VariantGenerationError(stage="decode", code=exc.code, message=exc.message) from exc
+    except CancelledError:
+        raise
+    except Exception as exc:
+        raise VariantGenerationError(stage="encode", code="variant_generation_failed", message=f"quality search: {exc}") from exc
+    return choice.params if choice else {}
 
 
 @contextmanager

@@ -76,11 +76,19 @@ def _locked_claimed_image(image_id: int, token: str) -> Image:
 
 
 def variant_set_target(
-    *, image: Image, token: str, recipe_version: str, key_version: str, storage: VariantStore, widths: list[int]
+    *,
+    image: Image,
+    token: str,
+    recipe_version: str,
+    key_version: str,
+    storage: VariantStore,
+    widths: list[int],
+    params: dict | None = None,
 ) -> VariantSet:
     """The set this generation writes into (see the module docstring); committed before the
-    caller stores anything. Raises ClaimLost, or SetBusy while the collector reclaims a set
-    with this key version."""
+    caller stores anything. ``params`` are the per-image parameters ``key_version`` was made
+    with (see ``variant_key_version``). Raises ClaimLost, or SetBusy while the collector
+    reclaims a set with this key version."""
     with transaction.atomic():
         locked = _locked_claimed_image(image.pk, token)
         serving = VariantSet.objects.filter(pk=locked.serving_set_id).first() if locked.serving_set_id else None
@@ -100,6 +108,7 @@ def variant_set_target(
                 folder=storage.folder,
                 widths=sorted(widths),
                 formats=list(imaging.format_names()),
+                params=params or {},
             )
         elif vset.state != state:
             # A superseded set of this very key version is wanted again (the recipe went

@@ -185,6 +185,24 @@ PICSITE_AVIF_QUALITY = env.int("PICSITE_AVIF_QUALITY", 55)
 PICSITE_AVIF_SPEED = env.int("PICSITE_AVIF_SPEED", 9)
 PICSITE_WEBP_QUALITY = env.int("PICSITE_WEBP_QUALITY", 75)
 PICSITE_WEBP_METHOD = env.int("PICSITE_WEBP_METHOD", 2)  # measured: docs/encoder-settings.md
+# Content-adaptive quality (docs/encoder-settings.md): "fixed" encodes every image at the
+# qualities above; "auto" searches per image and format for the lowest quality within
+# [floor, ceiling] whose SSIMULACRA2 score on one mid-size tier meets the target (and is at
+# most MAX_DROP points below the fixed quality's own). Mode, target, drop and bounds are part
+# of the recipe in auto mode; the chosen qualities are per-image set parameters.
+PICSITE_QUALITY_MODE = env.str("PICSITE_QUALITY_MODE", "fixed", validate=validate.OneOf(["fixed", "auto"]))
+PICSITE_QUALITY_TARGET = env.float("PICSITE_QUALITY_TARGET", 68.0)
+PICSITE_QUALITY_MAX_DROP = env.float("PICSITE_QUALITY_MAX_DROP", 2.0, validate=validate.Range(min=0))
+PICSITE_AVIF_QUALITY_FLOOR = env.int("PICSITE_AVIF_QUALITY_FLOOR", 35, validate=validate.Range(min=0, max=100))
+PICSITE_AVIF_QUALITY_CEILING = env.int("PICSITE_AVIF_QUALITY_CEILING", 80, validate=validate.Range(min=0, max=100))
+PICSITE_WEBP_QUALITY_FLOOR = env.int("PICSITE_WEBP_QUALITY_FLOOR", 50, validate=validate.Range(min=0, max=100))
+PICSITE_WEBP_QUALITY_CEILING = env.int("PICSITE_WEBP_QUALITY_CEILING", 92, validate=validate.Range(min=0, max=100))
+for _floor, _ceiling, _name in (
+    (PICSITE_AVIF_QUALITY_FLOOR, PICSITE_AVIF_QUALITY_CEILING, "AVIF"),
+    (PICSITE_WEBP_QUALITY_FLOOR, PICSITE_WEBP_QUALITY_CEILING, "WEBP"),
+):
+    if _floor > _ceiling:
+        raise ImproperlyConfigured(f"PICSITE_{_name}_QUALITY_FLOOR ({_floor}) must not be above PICSITE_{_name}_QUALITY_CEILING ({_ceiling}).")
 # Threads per AVIF encode; 0 = derive from cores and worker count.
 PICSITE_ENCODER_THREADS = env.int("PICSITE_ENCODER_THREADS", 0)
 PICSITE_FETCH_TIMEOUT_S = env.float("PICSITE_FETCH_TIMEOUT_S", 60.0)

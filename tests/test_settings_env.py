@@ -31,6 +31,8 @@ CASES = [
     pytest.param("PICSITE_ITEM_TIME_LIMIT_S", "ten", "2.5", 2.5, id="float"),
     pytest.param("PICSITE_ADMIN_PAGE_DRIVES_KICKS", "maybe", "off", False, id="bool"),
     pytest.param("PICSITE_VARIANT_WIDTHS", "320,wide", "320, 640", [320, 640], id="list"),
+    pytest.param("PICSITE_QUALITY_MODE", "best", "auto", "auto", id="choice"),
+    pytest.param("PICSITE_AVIF_QUALITY_FLOOR", "90", "40", 40, id="floor-above-ceiling"),
 ]
 
 

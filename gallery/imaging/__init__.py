@@ -16,6 +16,7 @@ Modules, in the order an original goes through them:
 - ``decode``: ``decode_for_variants``, upright sRGB pixels shrunk on load;
 - ``formats``: the output formats (data: MIME, encoder options, ``<picture>`` order);
 - ``variants``: the recipe, the tier ladder, encoding;
+- ``quality``: content-adaptive quality (the per-image quality search, SSIMULACRA2);
 - ``blurhash``: the placeholder hash.
 """
 
@@ -38,6 +39,7 @@ from gallery.imaging.formats import (
     picture_formats,
 )
 from gallery.imaging.metadata import PhotoMetadata, gps_coordinates, inspect_image
+from gallery.imaging.quality import QualityChoice, quality_choose, recipe_with_params
 from gallery.imaging.variants import (
     PIPELINE_REVISION,
     VariantRecipe,
@@ -60,6 +62,7 @@ __all__ = [
     "ImageRejected",
     "OutputFormat",
     "PhotoMetadata",
+    "QualityChoice",
     "VariantRecipe",
     "compute_blurhash",
     "decode_for_variants",
@@ -73,5 +76,7 @@ __all__ = [
     "output_format",
     "output_formats",
     "picture_formats",
+    "quality_choose",
+    "recipe_with_params",
     "render_tiers",
 ]

@@ -39,6 +39,10 @@ class OutputFormat:
     recipe_fields: tuple[str, ...] = ()
     # The <img src> of a <picture> and the thumbnail: a format every browser decodes.
     fallback: bool = False
+    # Content-adaptive quality (``quality``): the recipe field the search sets per image, and
+    # the recipe fields of its (floor, ceiling). None: the format has no quality knob.
+    quality_field: str | None = None
+    quality_bounds: tuple[str, str] | None = None
 
 
 def _avif_options(recipe: VariantRecipe, threads: int) -> dict[str, Any]:
@@ -60,8 +64,10 @@ def _webp_options(recipe: VariantRecipe, threads: int) -> dict[str, Any]:
 # fmt: off
 OUTPUT_FORMATS: tuple[OutputFormat, ...] = (
     #            name    MIME type     label   Pillow  save options   recipe fields                 fallback
-    OutputFormat("avif", "image/avif", "AVIF", "AVIF", _avif_options, ("avif_quality", "avif_speed")),
-    OutputFormat("webp", "image/webp", "WebP", "WEBP", _webp_options, ("webp_quality", "webp_method"), True),
+    OutputFormat("avif", "image/avif", "AVIF", "AVIF", _avif_options, ("avif_quality", "avif_speed"),
+                 quality_field="avif_quality", quality_bounds=("avif_quality_floor", "avif_quality_ceiling")),
+    OutputFormat("webp", "image/webp", "WebP", "WEBP", _webp_options, ("webp_quality", "webp_method"), True,
+                 quality_field="webp_quality", quality_bounds=("webp_quality_floor", "webp_quality_ceiling")),
 )
 # fmt: on
 

@@ -19,6 +19,9 @@ from gallery.imaging.formats import LEGACY_FORMATS, format_names, output_format,
 # a format's fixed encoder options), so VariantRecipe.version changes and stored variants get
 # regenerated.
 PIPELINE_REVISION = 1
+# Bump when the quality search (``quality``) would choose differently for the same recipe.
+QUALITY_SEARCH_REVISION = 1
+QUALITY_MODES = ("fixed", "auto")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,17 @@ class VariantRecipe:
     webp_quality: int = 75
     webp_method: int = 2
     encoder_threads: int = 0  # 0 = auto
+    # Content-adaptive quality (``quality``): "fixed" encodes with the qualities above; "auto"
+    # searches per image and format for the lowest quality within [floor, ceiling] whose
+    # encode scores at least quality_target in SSIMULACRA2 (and at most quality_max_drop
+    # below the fixed quality's own score). Only "auto" puts these fields in the version.
+    quality_mode: str = "fixed"
+    quality_target: float = 68.0
+    quality_max_drop: float = 2.0
+    avif_quality_floor: int = 35
+    avif_quality_ceiling: int = 80
+    webp_quality_floor: int = 50
+    webp_quality_ceiling: int = 92
 
     def __post_init__(self) -> None:
         if not self.widths or any(not isinstance(w, int) or w < 1 for w in self.widths):
@@ -46,6 +60,15 @@ class VariantRecipe:
             raise ValueError("webp_method must be within 0..6")
         if self.encoder_threads < 0:
             raise ValueError("encoder_threads must be >= 0")
+        if self.quality_mode not in QUALITY_MODES:
+            raise ValueError(f"quality_mode must be one of {QUALITY_MODES}, not {self.quality_mode!r}")
+        for fmt in output_formats():
+            if fmt.quality_bounds:
+                floor, ceiling = (getattr(self, field) for field in fmt.quality_bounds)
+                if not 0 <= floor <= ceiling <= 100:
+                    raise ValueError(f"{fmt.label} quality bounds must satisfy 0 <= floor <= ceiling <= 100")
+        if self.quality_max_drop < 0:
+            raise ValueError("quality_max_drop must be >= 0")
 
     @property
     def version(self) -> str:
@@ -55,6 +78,14 @@ class VariantRecipe:
             payload.update({field: getattr(self, field) for field in fmt.recipe_fields})
         if sorted(format_names()) != sorted(LEGACY_FORMATS):
             payload["formats"] = sorted(format_names())
+        if self.quality_mode == "auto":  # absent in fixed mode: existing versions stay as they were
+            payload["quality"] = {
+                "mode": "auto",
+                "rev": QUALITY_SEARCH_REVISION,
+                "target": self.quality_target,
+                "max_drop": self.quality_max_drop,
+                "bounds": {f.name: [getattr(self, b) for b in f.quality_bounds] for f in output_formats() if f.quality_bounds},
+            }
         blob = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:12]
 
