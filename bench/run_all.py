@@ -9,7 +9,9 @@ equal encoder settings; skipped with a line when pyvips cannot load), bench_engi
 W=1/W=2 measurement), bench_memory.py ("memory"), bench_recovery.py ("recovery": SIGKILLed
 workers' batches taken over), bench_switch.py (adds variants.switch_gap_ms: advertised URLs
 during a regeneration), bench_gc.py ("gc": the variants-gc task deleting 20,000 local and
-2,000 moto objects, and listing). A bench that crashes is reported and the rest still run. Exit status: 1 if a
+2,000 moto objects, and listing), bench_pages.py ("pages": the grid's server-side ms and,
+with Debian's wrk installed, requests/s of the production server command against a static
+file). A bench that crashes is reported and the rest still run. Exit status: 1 if a
 bench crashed, or with --strict if a target was missed; else 0.
 """
 
@@ -36,6 +38,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("recovery", ["bench_recovery.py"]),
     ("switch", ["bench_switch.py"]),
     ("gc", ["bench_gc.py"]),
+    ("pages", ["bench_pages.py"]),
 ]
 
 # (results key, field, comparison, threshold, note); the peer goals are bench_peer.TARGETS.
@@ -55,6 +58,7 @@ TARGETS: list[tuple[str, str, str, object, str]] = [
     ("memory", "within_bound", "==", True, "every peak RSS <= bound_mb"),
     ("recovery", "adopt_s_p95", "<=", 45, "SIGKILLed worker's batch taken over (s, default lease)"),
     ("variants", "switch_gap_ms", "==", 0, "longest an advertised URL failed during a regeneration"),
+    ("pages", "grid_ms_p50", "<=", 8, "grid view, 48 photos x 17 URLs, server side (ms)"),
 ]
 
 OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}
@@ -89,6 +93,13 @@ def table(results: dict) -> tuple[list[str], int]:
             misses += not ok
             shown = str(value)
         lines.append(f"{key + '.' + field:44s} {shown:>14s}  {op + ' ' + str(threshold):>10s}  {verdict}   {note}")
+    pages = results.get("pages")
+    if isinstance(pages, dict):
+        if pages.get("load_available"):
+            info = {k: pages.get(k) for k in ("grid_rps", "static_rps", "grid_over_static", "server_workers", "loadavg_1m")}
+            lines.append(f"pages under load ({pages.get('wrk')}, no goal): {info}")
+        else:
+            lines.append(f"pages under load: SKIPPED ({pages.get('load_skipped_reason', 'not measured')})")
     variants = results.get("variants")
     if isinstance(variants, dict):
         for field, goal in (variants.get("targets") or {}).items():
