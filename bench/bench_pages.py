@@ -16,6 +16,9 @@ Merges key "pages" into bench/results.json:
   pinned to CPU 0 with ``taskset`` against the production server command (the Dockerfile's
   ``CMD``, on a free loopback port) pinned to CPU 1, for ``/`` and for a static file
   WhiteNoise serves (``/static/gallery/site.css``). The embedded Postgres is not pinned.
+  With them the CPU milliseconds per request of the server's processes and of Postgres
+  (``grid_server_cpu_ms_per_req``, ``grid_db_cpu_ms_per_req``, ``static_server_cpu_ms_per_req``):
+  on a shared machine other processes take wall time, not these.
 
 Prerequisites: Debian's ``wrk`` (``apt-get install -y wrk``) and ``taskset`` (util-linux); without
 them the load part is skipped with a line saying so (``available`` False for it), and the
@@ -216,12 +219,52 @@ def _wait_up(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def wrk(url: str, *, connections: int, seconds: int) -> dict:
-    """One ``wrk`` run pinned to CPU 0: requests/s, latency percentiles (ms), errors."""
+def _tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds of a process, its live descendants and its reaped children."""
+    import psutil
+
+    if pid is None:
+        return 0.0
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def _postmaster_pid() -> int | None:
+    """The embedded Postgres' postmaster (its backends are its children), if it is the one in use."""
+    from picsite.embedded_pg import pgdata_dir
+
+    try:
+        return int((pgdata_dir() / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wrk(url: str, *, connections: int, seconds: int, server_pid: int | None = None) -> dict:
+    """One ``wrk`` run pinned to CPU 0: requests/s, latency percentiles (ms), errors, and the
+    CPU milliseconds per request the server and Postgres spent (steadier than requests/s on
+    a shared machine: other processes take wall time, not these CPU seconds)."""
     cmd = ["taskset", "-c", "0", "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency",
            "-H", f"{PROXY_HEADER}: https", url]  # fmt: skip
+    postmaster = _postmaster_pid()
+    server_cpu, db_cpu = _tree_cpu_s(server_pid), _tree_cpu_s(postmaster)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=seconds + 60).stdout
+    server_cpu, db_cpu = _tree_cpu_s(server_pid) - server_cpu, _tree_cpu_s(postmaster) - db_cpu
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
     result: dict = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    if server_pid is not None and requests:
+        result["server_cpu_ms"] = round(1000 * server_cpu / requests, 2)
+        result["db_cpu_ms"] = round(1000 * db_cpu / requests, 2) if postmaster else None
     for pct in ("50", "90", "99"):
         found = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, flags=re.M)
         if found:
@@ -264,9 +307,9 @@ def under_load(*, connections: int, seconds: int, photos: int) -> dict:
             time.sleep(1.0)  # every worker up
             workers = _server_workers(proc)
             wrk(base + GRID_PATH, connections=connections, seconds=2)  # warm-up
-            grid = wrk(base + GRID_PATH, connections=connections, seconds=seconds)
+            grid = wrk(base + GRID_PATH, connections=connections, seconds=seconds, server_pid=proc.pid)
             wrk(base + STATIC_PATH, connections=connections, seconds=2)
-            static = wrk(base + STATIC_PATH, connections=connections, seconds=seconds)
+            static = wrk(base + STATIC_PATH, connections=connections, seconds=seconds, server_pid=proc.pid)
         finally:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -286,9 +329,12 @@ def under_load(*, connections: int, seconds: int, photos: int) -> dict:
         "grid_p50_ms": grid.get("p50_ms"),
         "grid_p99_ms": grid.get("p99_ms"),
         "grid_errors": grid["errors"],
+        "grid_server_cpu_ms_per_req": grid.get("server_cpu_ms"),
+        "grid_db_cpu_ms_per_req": grid.get("db_cpu_ms"),
         "static_rps": round(static["rps"], 1),
         "static_p50_ms": static.get("p50_ms"),
         "static_errors": static["errors"],
+        "static_server_cpu_ms_per_req": static.get("server_cpu_ms"),
         "grid_over_static": round(grid["rps"] / static["rps"], 3) if static["rps"] else None,
     }
 
