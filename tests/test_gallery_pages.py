@@ -420,6 +420,19 @@ def _assert_sources_match_store_urls(images: list[Image], store) -> None:
         assert {"avif": pic.srcset("avif"), "webp": pic.srcset("webp"), "src": pic.src} == expected
 
 
+@pytest.fixture
+def forget_new_stores():
+    """Drop the stores a test built from the process-wide cache: each S3 one holds a boto3
+    session (~10 MB), and a bucket per test would keep them all for the rest of the run."""
+    from gallery import storage
+
+    before = set(storage._STORES)
+    yield
+    with storage._STORES_LOCK:
+        for config in set(storage._STORES) - before:
+            del storage._STORES[config]
+
+
 def _sets_in(folder: str, kind: str) -> list[Image]:
     images = [make_image(ready_max_width=2560, key_version=kv) for kv in ("", "0123456789ab")]
     VariantSet.objects.filter(image__in=images).update(folder=folder, storage_kind=kind)
@@ -429,7 +442,7 @@ def _sets_in(folder: str, kind: str) -> list[Image]:
 @pytest.mark.django_db
 @pytest.mark.parametrize("base_url", ["/media/v/", "https://cdn.example.com/v/", "/media/v"])
 @pytest.mark.parametrize("folder", ["gallery", "", "nested/site-1", "my photos/été"])
-def test_local_urls_are_what_the_store_gives(gallery_media, settings, base_url, folder):
+def test_local_urls_are_what_the_store_gives(gallery_media, settings, forget_new_stores, base_url, folder):
     """Building URLs from the store's base gives byte for byte what ``url()`` gives, also
     for a folder whose characters need quoting (which then goes through ``url()``)."""
     from gallery.storage import variant_store_for
@@ -442,9 +455,9 @@ def test_local_urls_are_what_the_store_gives(gallery_media, settings, base_url, 
 
 
 @pytest.mark.django_db
-@pytest.mark.parametrize("public_base_url", ["", "https://img.example.com/", "https://img.example.com/sub"])
-@pytest.mark.parametrize("folder", ["gallery", "", "my photos"])
-def test_s3_urls_are_what_the_store_gives(s3_storage, s3_bucket, settings, public_base_url, folder):
+@pytest.mark.parametrize("public_base_url", ["", "https://img.example.com/sub"])
+@pytest.mark.parametrize("folder", ["gallery", "my photos"])
+def test_s3_urls_are_what_the_store_gives(s3_storage, s3_bucket, settings, forget_new_stores, public_base_url, folder):
     """S3 with a public base URL, and without one (django-storages builds the bucket URL)."""
     from gallery.storage import variant_store_for
 
