@@ -80,4 +80,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=4); sys.exit(0 if r.status == 200 else 1)"]
 
-CMD ["uvicorn", "picsite.asgi:application", "--host", "0.0.0.0", "--port", "8000"]
+# uvicorn with one worker process per CPU the container may use (PICSITE_WEB_WORKERS to
+# choose; HOST/PORT default to 0.0.0.0:8000): picsite/web.py.
+CMD ["python", "-m", "picsite.web"]

@@ -11,8 +11,10 @@ workers' batches taken over), bench_switch.py (adds variants.switch_gap_ms: adve
 during a regeneration), bench_gc.py ("gc": the variants-gc task deleting 20,000 local and
 2,000 moto objects, and listing), bench_batch.py ("batch": a batch beside a busy backfill,
 memory of a 100-photo batch), bench_quality.py ("quality": content-adaptive quality against
-fixed: bytes, SSIMULACRA2 and time per photo). A bench that crashes is reported and the rest
-still run. Exit status: 1 if a bench crashed, or with --strict if a target was missed; else 0.
+fixed: bytes, SSIMULACRA2 and time per photo), bench_pages.py ("pages": the grid's
+server-side ms and, with Debian's wrk installed, requests/s of the production server command
+against a static file). A bench that crashes is reported and the rest still run. Exit
+status: 1 if a bench crashed, or with --strict if a target was missed; else 0.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("gc", ["bench_gc.py"]),
     ("batch", ["bench_batch.py"]),
     ("quality", ["bench_quality.py"]),
+    ("pages", ["bench_pages.py"]),
 ]
 
 # (results key, field, comparison, threshold, note); the peer goals are bench_peer.TARGETS.
@@ -65,6 +68,7 @@ TARGETS: list[tuple[str, str, str, object, str]] = [
     ("quality", "time_over_fixed", "<=", 1.3, "auto quality ladder time / fixed (search included)"),
     ("quality", "mean_score_delta", ">=", 0, "mean SSIMULACRA2 per photo, auto - fixed"),
     ("quality", "worst_photo_delta", ">=", -2, "lowest per-photo SSIMULACRA2 auto - fixed"),
+    ("pages", "grid_ms_p50", "<=", 8, "grid view, 48 photos x 17 URLs, server side (ms)"),
 ]
 
 OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}
@@ -99,6 +103,13 @@ def table(results: dict) -> tuple[list[str], int]:
             misses += not ok
             shown = str(value)
         lines.append(f"{key + '.' + field:44s} {shown:>14s}  {op + ' ' + str(threshold):>10s}  {verdict}   {note}")
+    pages = results.get("pages")
+    if isinstance(pages, dict):
+        if pages.get("load_available"):
+            info = {k: pages.get(k) for k in ("grid_rps", "static_rps", "grid_over_static", "server_workers", "loadavg_1m")}
+            lines.append(f"pages under load ({pages.get('wrk')}, no goal): {info}")
+        else:
+            lines.append(f"pages under load: SKIPPED ({pages.get('load_skipped_reason', 'not measured')})")
     variants = results.get("variants")
     if isinstance(variants, dict):
         for field, goal in (variants.get("targets") or {}).items():

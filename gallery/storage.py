@@ -86,6 +86,10 @@ class VariantStore(Protocol):
     def delete_many(self, keys: Iterable[str], *, on_error: DeleteErrorHandler | None = None) -> int: ...
     def list(self, prefix: str) -> Iterator[StoredObject]: ...
     def url(self, key: str) -> str: ...
+    def url_prefix(self) -> str | None:
+        """P such that ``url(key) == P + key`` for every URL-safe key (``key_is_url_safe``),
+        or None when ``url()`` must be asked key by key (say it signs each URL)."""
+        ...
 
 
 # Written by probes while the storage is thought to be down: always the same bytes.
@@ -134,12 +138,48 @@ def variant_key(*, folder: str, image_key: str, width: int, fmt: str, key_versio
     ``variants/<32 hex>``; the folder namespaces a bucket shared with other apps (empty
     folder = bucket root).
     """
+    return f"{variant_key_stem(folder=folder, image_key=image_key, key_version=key_version)}{width}.{fmt}"
+
+
+def variant_key_stem(*, folder: str, image_key: str, key_version: str = "") -> str:
+    """What the keys of one set's tiers share: ``variant_key`` is this + ``{width}.{fmt}``
+    (a page builds it once per set, not once per tier)."""
     if key_version:
         digest = image_key.removeprefix("variants/")
-        name = f"variants/{digest[:2]}/{digest}_{key_version}_{width}.{fmt}"
+        name = f"variants/{digest[:2]}/{digest}_{key_version}_"
     else:
-        name = f"{image_key}_{width}.{fmt}"
-    return f"{folder.strip('/')}/{name}" if folder.strip("/") else name
+        name = f"{image_key}_"
+    folder = folder.strip("/")
+    return f"{folder}/{name}" if folder else name
+
+
+# Keys whose URL is the store's prefix + the key unchanged: RFC 3986 unreserved characters
+# and "/" only (nothing to percent-encode), and no empty, "." or ".." segment (which
+# storages normalise away).
+_URL_SAFE_KEY = re.compile(r"[A-Za-z0-9_~-][A-Za-z0-9._~-]*(?:/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)*")
+
+
+def key_is_url_safe(key: str) -> bool:
+    """Whether ``url_prefix() + key`` is the URL of ``key`` (see ``VariantStore.url_prefix``)."""
+    return _URL_SAFE_KEY.fullmatch(key) is not None
+
+
+# Any key of a versioned set: what url_prefix() asks url() for.
+_URL_PROBE_KEY = variant_key(folder="", image_key="variants/" + "0" * 32, width=320, fmt="webp", key_version="0" * 12)
+
+
+def _url_prefix_probe(store: VariantStore) -> str | None:
+    """``url_prefix`` learnt from ``url()`` of one key under the store's folder: whatever is
+    before that key in the URL (the base URL, the bucket's endpoint, a custom domain).
+    None if the folder needs quoting or the URL carries more than the key (a signature)."""
+    folder = store.folder.strip("/")
+    key = f"{folder}/{_URL_PROBE_KEY}" if folder else _URL_PROBE_KEY
+    if not key_is_url_safe(key):
+        return None
+    url = store.url(key)
+    if not url.endswith(key) or "?" in url or "#" in url:
+        return None
+    return url[: -len(key)]
 
 
 @lru_cache(maxsize=4)
@@ -315,6 +355,11 @@ class LocalVariantStore:
     def url(self, key: str) -> str:
         return self._fs.url(key)
 
+    def url_prefix(self) -> str | None:
+        if not hasattr(self, "_url_prefix"):
+            self._url_prefix = _url_prefix_probe(self)
+        return self._url_prefix
+
 
 _S3_DELETE_CHUNK = 1000  # DeleteObjects takes at most this many keys
 
@@ -474,6 +519,12 @@ class S3VariantStore:
         if self.public_base_url:
             return self.public_base_url.rstrip("/") + "/" + key
         return self._storage.url(key)
+
+    def url_prefix(self) -> str | None:
+        # Without a public base URL each url() is a botocore call (~0.1 ms): learnt once.
+        if not hasattr(self, "_url_prefix"):
+            self._url_prefix = _url_prefix_probe(self)
+        return self._url_prefix
 
 
 def variant_store_resolve() -> VariantStore:

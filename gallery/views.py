@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.urls import reverse
 
 from gallery.models import Image
 from gallery.selectors import VariantStores, gallery_page, image_detail, image_sources
@@ -18,16 +20,30 @@ GRID_ROW_PX = 240
 
 def grid(request: HttpRequest) -> HttpResponse:
     page = gallery_page(before_id=_positive_int(request.GET.get("before")), page_size=GRID_PAGE_SIZE)
+    return render(request, "gallery/grid.html", {"page": page, "tiles": grid_tiles(page.images)})
+
+
+def grid_tiles(images: list[Image]) -> list[dict]:
+    """What grid.html shows of each photo, as ready strings: the template costs a few µs a
+    variable, a ``{% url %}`` or a filter several times that, 48 times a page."""
     stores = VariantStores()
-    tiles = [
+    href = _detail_href()
+    return [
         {
-            "image": image,
+            "href": href(image.pk),
+            "alt": image.title,
+            "aspect": f"{round(_aspect(image), 4):f}",
             "pic": image_sources(image=image, stores=stores, sizes=_grid_sizes(image)),
-            "aspect": round(_aspect(image), 4),
         }
-        for image in page.images
+        for image in images
     ]
-    return render(request, "gallery/grid.html", {"page": page, "tiles": tiles})
+
+
+def _detail_href() -> Callable[[int], str]:
+    # One reverse() (~20 µs) per page: the detail URLs differ only in the photo's id.
+    marker = 987654321
+    head, _, tail = reverse("gallery:detail", args=[marker]).partition(str(marker))
+    return lambda pk: f"{head}{pk}{tail}"
 
 
 def detail(request: HttpRequest, image_id: int) -> HttpResponse:

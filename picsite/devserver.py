@@ -43,12 +43,20 @@ def _setup() -> None:
     ensure_tick_schedule()
 
 
+def web_command() -> list[str]:
+    """uvicorn as in production, with one process unless PICSITE_WEB_WORKERS says more (a
+    development site has one user; more processes cost start-up time and memory)."""
+    from picsite.web import uvicorn_command, web_workers
+
+    return uvicorn_command(host=HOST, port=PORT, workers=web_workers(default=1))
+
+
 def main() -> int:
     _setup()
     python = sys.executable
     env = dict(os.environ, DJANGO_SETTINGS_MODULE="picsite.settings")
     commands = {
-        "web": [python, "-m", "uvicorn", "picsite.asgi:application", "--host", HOST, "--port", PORT],
+        "web": web_command(),
         "worker": [python, "manage.py", "qcluster"],
         "backfill": [python, "manage.py", "qcluster"],
     }

@@ -42,7 +42,11 @@ def test_dockerfile_runs_as_non_root_and_serves_uvicorn():
     text = DOCKERFILE.read_text()
     user_lines = [line.split(None, 1)[1].strip() for line in text.splitlines() if line.startswith("USER ")]
     assert user_lines and user_lines[-1].split(":")[0] not in ("root", "0")
-    assert "picsite.asgi:application" in text
+    # CMD is picsite/web.py, which execs uvicorn on the ASGI app (tests/test_web_server.py).
+    assert 'CMD ["python", "-m", "picsite.web"]' in text
+    from picsite.web import uvicorn_command
+
+    assert "picsite.asgi:application" in uvicorn_command()
     assert "HEALTHCHECK" in text
     assert "collectstatic" in text
 

@@ -358,3 +358,113 @@ def test_originals_are_never_served_but_variants_are(client):
 def test_healthz_checks_the_database(client):
     response = client.get("/healthz")
     assert response.status_code == 200 and response.json() == {"ok": True}
+
+
+# --- cost of a page: URLs from each set's base, not one storage call per tier ---------------
+
+
+@pytest.fixture
+def count_store_urls(monkeypatch) -> list[str]:
+    """Every key a variant store's ``url()`` is asked for, whatever the kind of store."""
+    from gallery.storage import LocalVariantStore, S3VariantStore
+
+    asked: list[str] = []
+    for cls in (LocalVariantStore, S3VariantStore):
+        original = cls.url
+
+        def counted(self, key, _original=original):
+            asked.append(key)
+            return _original(self, key)
+
+        monkeypatch.setattr(cls, "url", counted)
+    return asked
+
+
+@pytest.mark.django_db
+def test_grid_builds_urls_without_a_storage_call_per_tier(client, gallery_media, count_store_urls):
+    """A full page of full ladders: one query, and at most one url() call per store (to learn
+    its base), not one per tier (17 per photo: 2 x 8 tiers + the <img src>)."""
+    for n in range(48):
+        make_image(width=4000, height=3000, ready_max_width=2560, key_version="" if n % 4 == 0 else f"{n:012x}")
+
+    with CaptureQueriesContext(connection) as queries:
+        html = client.get("/").content.decode()
+
+    assert len(pictures(html)) == 48
+    assert html.count(".avif ") == html.count(".webp ") == 48 * 8
+    assert len(queries) == 1
+    assert len(count_store_urls) <= 1, f"{len(count_store_urls)} url() calls for one store"
+
+
+def _expected_sources(image: Image, store) -> dict[str, str]:
+    """Each srcset (and the src) built the slow way: ``store.url()`` of every tier's key."""
+    from gallery.storage import variant_key
+
+    vset = image.serving_set
+    widths = vset.ready_widths
+
+    def url(width: int, fmt: str) -> str:
+        return store.url(variant_key(folder=vset.folder, image_key=image.image_key, width=width, fmt=fmt, key_version=vset.key_version))
+
+    expected = {fmt: ", ".join(f"{url(w, fmt)} {w}w" for w in widths) for fmt in ("avif", "webp")}
+    expected["src"] = url(widths[-1], "webp")
+    return expected
+
+
+def _assert_sources_match_store_urls(images: list[Image], store) -> None:
+    stores = VariantStores()
+    for image in images:
+        image.refresh_from_db()
+        pic = image_sources(image=image, stores=stores)
+        expected = _expected_sources(image, store)
+        assert {"avif": pic.srcset("avif"), "webp": pic.srcset("webp"), "src": pic.src} == expected
+
+
+@pytest.fixture
+def forget_new_stores():
+    """Drop the stores a test built from the process-wide cache: each S3 one holds a boto3
+    session (~10 MB), and a bucket per test would keep them all for the rest of the run."""
+    from gallery import storage
+
+    before = set(storage._STORES)
+    yield
+    with storage._STORES_LOCK:
+        for config in set(storage._STORES) - before:
+            del storage._STORES[config]
+
+
+def _sets_in(folder: str, kind: str) -> list[Image]:
+    images = [make_image(ready_max_width=2560, key_version=kv) for kv in ("", "0123456789ab")]
+    VariantSet.objects.filter(image__in=images).update(folder=folder, storage_kind=kind)
+    return images
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("base_url", ["/media/v/", "https://cdn.example.com/v/", "/media/v"])
+@pytest.mark.parametrize("folder", ["gallery", "", "nested/site-1", "my photos/été"])
+def test_local_urls_are_what_the_store_gives(gallery_media, settings, forget_new_stores, base_url, folder):
+    """Building URLs from the store's base gives byte for byte what ``url()`` gives, also
+    for a folder whose characters need quoting (which then goes through ``url()``)."""
+    from gallery.storage import variant_store_for
+
+    settings.PICSITE_VARIANT_LOCAL_URL = base_url
+    images = _sets_in(folder, "local")
+    store = variant_store_for(kind="local", folder=folder)
+    _assert_sources_match_store_urls(images, store)
+    assert store.url_prefix() == (None if " " in folder else base_url.rstrip("/") + "/")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("public_base_url", ["", "https://img.example.com/sub"])
+@pytest.mark.parametrize("folder", ["gallery", "my photos"])
+def test_s3_urls_are_what_the_store_gives(s3_storage, s3_bucket, settings, forget_new_stores, public_base_url, folder):
+    """S3 with a public base URL, and without one (django-storages builds the bucket URL)."""
+    from gallery.storage import variant_store_for
+
+    settings.PICSITE_S3_PUBLIC_BASE_URL = public_base_url
+    images = _sets_in(folder, "s3")
+    store = variant_store_for(kind="s3", folder=folder)
+    _assert_sources_match_store_urls(images, store)
+    # The fast path was taken where it can be: the bucket's URL learnt once.
+    expected_prefix = public_base_url.rstrip("/") + "/" if public_base_url else f"{settings.PICSITE_S3_ENDPOINT_URL}/{s3_bucket}/"
+    assert store.url_prefix() == (None if " " in folder else expected_prefix)
