@@ -13,9 +13,12 @@ Modules, in the order an original goes through them:
 - ``sniffing``: content sniffing and structural checks before Pillow decodes anything;
 - ``metadata``: EXIF, orientation, capture time, GPS; ``inspect_image``;
 - ``colour``: pixel modes and ICC/Lab/CMYK to sRGB;
-- ``decode``: ``decode_for_variants``, upright sRGB pixels shrunk on load;
+- ``decode``: ``VariantSource`` (an original opened once, decoded per scale) and
+  ``decode_for_variants``: upright sRGB pixels shrunk on load;
 - ``formats``: the output formats (data: MIME, encoder options, ``<picture>`` order);
-- ``variants``: the recipe, the tier ladder, encoding;
+- ``variants``: the recipe, the tier ladder (``variant_tiers``: the smallest tier from its own
+  small decode, the rest cascaded from one big decode), encoding (``TierEncoder``);
+- ``profile``: wall and CPU seconds per stage, for the benchmarks;
 - ``blurhash``: the placeholder hash.
 """
 
@@ -24,7 +27,7 @@ from __future__ import annotations
 import pillow_heif
 
 from gallery.imaging.blurhash import compute_blurhash
-from gallery.imaging.decode import SOURCE_SIZE_KEY, decode_for_variants
+from gallery.imaging.decode import SOURCE_SIZE_KEY, VariantSource, decode_for_variants
 from gallery.imaging.errors import CancelledError, ImageRejected
 from gallery.imaging.formats import (
     CONTENT_TYPES,
@@ -38,13 +41,18 @@ from gallery.imaging.formats import (
     picture_formats,
 )
 from gallery.imaging.metadata import PhotoMetadata, gps_coordinates, inspect_image
+from gallery.imaging.profile import StageTimes
 from gallery.imaging.variants import (
     PIPELINE_REVISION,
+    TierEncoder,
     VariantRecipe,
     default_encoder_threads,
     encode_variant,
     encoder_problems,
     render_tiers,
+    resize_lanczos,
+    tier_height,
+    variant_tiers,
 )
 
 # HEIC/HEIF is not built into Pillow; registering is idempotent.
@@ -60,7 +68,10 @@ __all__ = [
     "ImageRejected",
     "OutputFormat",
     "PhotoMetadata",
+    "StageTimes",
+    "TierEncoder",
     "VariantRecipe",
+    "VariantSource",
     "compute_blurhash",
     "decode_for_variants",
     "default_encoder_threads",
@@ -74,4 +85,7 @@ __all__ = [
     "output_formats",
     "picture_formats",
     "render_tiers",
+    "resize_lanczos",
+    "tier_height",
+    "variant_tiers",
 ]
