@@ -75,6 +75,11 @@ def gallery_page(*, before_id: int | None, page_size: int) -> GalleryPage:
     return GalleryPage(images=images, next_before=next_before)
 
 
+def gallery_images(*, ids: list[int]) -> list[Image]:
+    """The live images among ``ids`` (with their serving sets), in id order: one query."""
+    return list(Image.objects.alive().select_related("serving_set").filter(pk__in=ids).order_by("id"))
+
+
 def image_detail(*, image_id: int) -> Image:
     """A live image (with its serving set); Http404 if missing or soft-deleted."""
     return get_object_or_404(Image.objects.alive().select_related("serving_set"), pk=image_id)

@@ -1,6 +1,6 @@
 """Gallery routes.
 
-``urlpatterns`` is the ``gallery`` namespace (``gallery:grid``, ``gallery:detail``);
+``urlpatterns`` is the ``gallery`` namespace (``gallery:grid``, ``gallery:detail``, ``gallery:tiles``);
 ``api_urlpatterns`` are un-namespaced (``api-images``). picsite/urls.py includes both.
 """
 
@@ -13,6 +13,7 @@ app_name = "gallery"
 urlpatterns = [
     path("", views.grid, name="grid"),
     path("photos/<int:image_id>/", views.detail, name="detail"),
+    path("tiles", views.tiles, name="tiles"),
 ]
 
 api_urlpatterns = [

@@ -1,14 +1,24 @@
-"""Public pages: the photo grid and one photo. Thin adapters over ``gallery.selectors``."""
+"""Public pages: the photo grid and one photo, and the grid's pending tiles as JSON (polled
+by tiles.js). Thin adapters over ``gallery.selectors``."""
 
 from __future__ import annotations
 
 import math
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_GET
 
+from api.auth import api_error
 from gallery.models import Image
-from gallery.selectors import VariantStores, gallery_page, image_detail, image_sources
+from gallery.selectors import (
+    VariantStores,
+    gallery_images,
+    gallery_page,
+    image_detail,
+    image_sources,
+)
 
 GRID_PAGE_SIZE = 48
 # Grid rows are about this tall (site.css: .grid li flex-basis), so a tile is about
@@ -19,15 +29,45 @@ GRID_ROW_PX = 240
 def grid(request: HttpRequest) -> HttpResponse:
     page = gallery_page(before_id=_positive_int(request.GET.get("before")), page_size=GRID_PAGE_SIZE)
     stores = VariantStores()
-    tiles = [
-        {
-            "image": image,
-            "pic": image_sources(image=image, stores=stores, sizes=_grid_sizes(image)),
-            "aspect": round(_aspect(image), 4),
-        }
-        for image in page.images
-    ]
+    tiles = [_tile(image, stores) for image in page.images]
     return render(request, "gallery/grid.html", {"page": page, "tiles": tiles})
+
+
+def _tile(image: Image, stores: VariantStores) -> dict:
+    return {
+        "image": image,
+        "pic": image_sources(image=image, stores=stores, sizes=_grid_sizes(image)),
+        "aspect": round(_aspect(image), 4),
+        # Tiers still to come: tiles.js polls ``tiles`` for it and swaps them in.
+        "pending": not image.variants_ready,
+    }
+
+
+@require_GET
+def tiles(request: HttpRequest) -> JsonResponse:
+    """``GET /tiles?ids=1,2``: the grid tiles of these live images as the grid renders them
+    (their ``<picture>``: variant URLs only, never the original or GPS), with how far their
+    variants are. tiles.js polls it for the grid's pending tiles, so a new upload's tiers
+    show as they land, without a reload. Ids that are gone are simply absent."""
+    raw = request.GET.get("ids", "")
+    try:
+        ids = sorted({int(part) for part in raw.split(",")})
+    except ValueError:
+        ids = []
+    if not ids or ids[0] < 1 or len(ids) > GRID_PAGE_SIZE:
+        return api_error(
+            400,
+            "invalid_ids",
+            f"ids must be 1 to {GRID_PAGE_SIZE} comma-separated image ids.",
+            {"ids": raw[:200]},
+        )
+    stores = VariantStores()
+    body = []
+    for image in gallery_images(ids=ids):
+        tile = _tile(image, stores)
+        html = render_to_string("gallery/_picture.html", {"pic": tile["pic"], "alt": image.title})
+        body.append({"id": image.pk, "ready_max_width": image.ready_max_width, "complete": not tile["pending"], "html": html})
+    return JsonResponse({"tiles": body}, headers={"Cache-Control": "no-store"})
 
 
 def detail(request: HttpRequest, image_id: int) -> HttpResponse:
