@@ -1,14 +1,29 @@
-"""Benchmark the variant pipeline against a naive Pillow baseline on the real photo corpus.
+"""Benchmark the variant pipeline against a naive Pillow baseline and against its own floor, on
+the real photo corpus.
 
     python bench/bench_variants.py [--out bench/results.json] [--photos N]
     python bench/bench_variants.py --sweep [--photos N]        # encoder settings table
     python bench/bench_variants.py --cascade-check [--photos N]
 
-Each photo runs in its own fresh subprocess (one for our pipeline, one for the baseline), so
-wall time excludes interpreter start-up and imports, and peak RSS (ru_maxrss of that child)
-is per photo. Quality is the mean SSIM (luminance, 8x8 uniform window) of every decoded tier
-against an exact LANCZOS downscale of the full-resolution, upright, sRGB original, averaged
-over tiers and formats. The corpus is read in place: ../shared/corpus beside the repo, or
+Contenders, each in its own fresh subprocess per photo (wall time excludes interpreter
+start-up and imports; peak RSS is that child's; CPU is the child's process time, every
+thread included, so parallel work shows as CPU above wall):
+
+- pipeline: ``variant_tiers`` (the smallest tier from its own shrink-on-load decode, the rest
+  cascaded from one decode at the largest tier's scale) and ``TierEncoder`` (the formats of
+  a tier side by side when the thread budget allows), as the worker runs them;
+- floor: the physical minimum of that work: one decode at the scale the largest tier needs,
+  plus the same encodes (same encoder, same scheduling) on tiers resized beforehand;
+  ``pipeline_over_floor`` is the goal. ``encode_only`` is those encodes alone (the old
+  floor), for information as ``pipeline_over_encode_only``;
+- naive: decode, exif_transpose, LANCZOS each tier from the full image, Pillow's default
+  encoder speeds, one thing at a time;
+- profile: the pipeline once more on one thread with every stage timed (wall and CPU, exact
+  because nothing overlaps): where the work goes, per stage and per photo.
+
+Quality is the mean SSIM (luminance, 8x8 uniform window) of every decoded tier against an
+exact LANCZOS downscale of the full-resolution, upright, sRGB original, averaged over tiers
+and formats. The corpus is read in place: ../shared/corpus beside the repo, or
 $PICSITE_CORPUS. --avif-speed/--webp-method/... override the recipe for both contenders.
 
 Measured on the 2-core dev box (shared, load ~2-3), default recipe (AVIF q55 speed 9, WebP q75
@@ -39,18 +54,22 @@ from PIL import Image, ImageCms, ImageOps  # noqa: E402
 
 from gallery.imaging import (  # noqa: E402
     FORMATS,
+    StageTimes,
+    TierEncoder,
     VariantRecipe,
+    VariantSource,
     decode_for_variants,
+    default_encoder_threads,
     encode_variant,
-    inspect_image,
     render_tiers,
+    variant_tiers,
 )
 
 MAX_PIXELS = 100_000_000
 # Goals for the default recipe (shown by bench/run_all.py).
 TARGETS = {
     "pipeline_over_naive": "<= 0.30",
-    "pipeline_over_floor": "<= 1.10",
+    "pipeline_over_floor": "<= 1.10",  # floor: one decode at the largest tier's scale + encodes
     "quality_delta": "<= 0.01",
     "bytes_over_naive": "<= 1.15",
     "peak_rss_mb": "<= 400",
@@ -94,16 +113,24 @@ def peak_rss_mb() -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def run_pipeline(data: bytes, recipe: VariantRecipe) -> list[tuple[int, str, bytes]]:
-    meta = inspect_image(data, max_pixels=MAX_PIXELS)
-    widths = recipe.tier_widths(meta.width)
-    img = decode_for_variants(data, max_pixels=MAX_PIXELS, target_width=max(widths))
-    tiers = render_tiers(img, widths)
-    del img  # the generator frees the full-size decode once the tiers exist
-    return [(w, fmt, encode_variant(tier, fmt, recipe)) for w, tier in tiers for fmt in FORMATS]
+Ladder = list[tuple[int, str, bytes]]
 
 
-def run_naive(data: bytes, recipe: VariantRecipe) -> list[tuple[int, str, bytes]]:
+def _threads(recipe: VariantRecipe) -> int:
+    return recipe.encoder_threads or default_encoder_threads()
+
+
+def run_pipeline(data: bytes, recipe: VariantRecipe, stages: StageTimes | None = None) -> Ladder:
+    """What the worker does for one photo, minus storage: the ladder, smallest tier first."""
+    out = []
+    with VariantSource(data, max_pixels=MAX_PIXELS) as source, TierEncoder(recipe, stages=stages) as encoder:
+        widths = recipe.tier_widths(source.oriented_size[0])
+        for w, tier in variant_tiers(source, widths, threads=_threads(recipe), stages=stages):
+            out += [(w, fmt, blob) for fmt, blob in encoder.encode(tier).items()]
+    return out
+
+
+def run_naive(data: bytes, recipe: VariantRecipe) -> Ladder:
     im = Image.open(io.BytesIO(data))
     im.load()
     with contextlib.suppress(Exception):  # broken EXIF: keep the stored orientation
@@ -121,14 +148,31 @@ def run_naive(data: bytes, recipe: VariantRecipe) -> list[tuple[int, str, bytes]
     return out
 
 
-def run_floor(data: bytes, recipe: VariantRecipe) -> tuple[list[tuple[int, str, bytes]], float]:
-    """The encoder-only floor: the same encodes on tiers resized beforehand (untimed)."""
-    meta = inspect_image(data, max_pixels=MAX_PIXELS)
-    widths = recipe.tier_widths(meta.width)
-    tiers = list(render_tiers(decode_for_variants(data, max_pixels=MAX_PIXELS, target_width=max(widths)), widths))
-    start = time.perf_counter()
-    out = [(w, fmt, encode_variant(tier, fmt, recipe)) for w, tier in tiers for fmt in FORMATS]
-    return out, time.perf_counter() - start
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> dict:
+    return {"seconds": time.perf_counter() - start[0], "cpu_seconds": time.process_time() - start[1]}
+
+
+def run_floor(data: bytes, recipe: VariantRecipe) -> tuple[Ladder, dict, dict]:
+    """The floor: one decode at the scale the largest tier needs, plus the pipeline's own
+    encodes (same TierEncoder) of its own tiers, resized beforehand (untimed). Returns the
+    ladder, the floor's time and the encodes' time alone (each wall and CPU seconds)."""
+    with VariantSource(data, max_pixels=MAX_PIXELS) as source:
+        widths = recipe.tier_widths(source.oriented_size[0])
+        tiers = list(variant_tiers(source, widths, threads=_threads(recipe)))
+    start = _clock()
+    with VariantSource(data, max_pixels=MAX_PIXELS) as source:
+        source.decode(max(widths), last=True)
+    decode = _since(start)
+    start = _clock()
+    with TierEncoder(recipe) as encoder:
+        out = [(w, fmt, blob) for w, tier in tiers for fmt, blob in encoder.encode(tier).items()]
+    encodes = _since(start)
+    floor = {k: decode[k] + encodes[k] for k in decode}
+    return out, floor, encodes
 
 
 def worker(kind: str, path: str, outdir: str) -> None:
@@ -137,19 +181,27 @@ def worker(kind: str, path: str, outdir: str) -> None:
     pillow_heif.register_heif_opener()
     recipe = make_recipe()
     data = Path(path).read_bytes()
-    start = time.perf_counter()
+    extra: dict = {}
     if kind == "floor":
-        results, seconds = run_floor(data, recipe)
+        results, timing, extra["encode_only"] = run_floor(data, recipe)
+    elif kind == "profile":
+        # One thread, nothing overlapping: each stage's CPU is its own.
+        stages = StageTimes()
+        start = _clock()
+        results = run_pipeline(data, replace(recipe, encoder_threads=1), stages)
+        timing = _since(start)
+        extra["stages"] = stages.as_dict()
     else:
+        start = _clock()
         results = (run_pipeline if kind == "pipeline" else run_naive)(data, recipe)
-        seconds = time.perf_counter() - start
+        timing = _since(start)
     rss = peak_rss_mb()
     files = []
     for w, fmt, blob in results:
         target = Path(outdir) / f"{kind}_{w}.{fmt}"
         target.write_bytes(blob)
         files.append({"width": w, "format": fmt, "path": str(target), "bytes": len(blob)})
-    print(json.dumps({"seconds": seconds, "peak_rss_mb": rss, "files": files}))
+    print(json.dumps({**timing, **extra, "peak_rss_mb": rss, "files": files}))
 
 
 def spawn_worker(kind: str, path: Path, outdir: str) -> dict:
@@ -279,22 +331,65 @@ def merge_variants(out: Path, variants: dict) -> None:
     os.replace(tmp, out)
 
 
+STAGES = ("first_decode", "first_resize", "decode", "resize", "encode_avif", "encode_webp")
+
+
+def _cpu_busy(seconds: float = 1.0) -> float | None:
+    try:
+        from _common import cpu_busy_fraction
+
+        return round(cpu_busy_fraction(seconds), 3)
+    except ImportError:
+        return None
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b else float("nan")
+
+
 def bench(out: Path, limit: int | None) -> dict:
     recipe = make_recipe()
+    busy_start = _cpu_busy()
     load_start = os.getloadavg()[0]
     per_photo = []
-    totals = {k: 0.0 for k in ("pipeline_seconds", "naive_seconds", "floor_seconds")}
+    kinds = ("pipeline", "floor", "encode_only", "naive", "profile")
+    totals: dict = {f"{k}_{unit}": 0.0 for k in kinds for unit in ("seconds", "cpu_seconds")}
     totals.update({"pipeline_bytes": 0, "naive_bytes": 0})
+    stage_totals = {name: {"wall": 0.0, "cpu": 0.0} for name in STAGES}
     quality = {"pipeline": [], "naive": []}
     rss = {"pipeline": 0.0, "naive": 0.0}
     by_format = {k: {f: {"ssim": [], "bytes": 0} for f in FORMATS} for k in ("pipeline", "naive")}
+    identical = True
+    print(
+        f"{'photo':34s} {'pipeline s':>10s} {'cpu':>6s} | {'floor s':>7s} {'cpu':>6s} {'enc s':>6s} | "
+        f"{'naive s':>7s} {'cpu':>6s} | {'p/floor':>7s} {'ssim p':>6s} {'ssim n':>6s} {'MB':>6s}",
+        file=sys.stderr,
+    )
     for path in photo_paths(limit):
         with tempfile.TemporaryDirectory(prefix="bench_variants_") as tmp:
             runs = {kind: spawn_worker(kind, path, tmp) for kind in ("pipeline", "naive")}
             floor = spawn_worker("floor", path, tmp)
-            totals["floor_seconds"] += floor["seconds"]
+            profile = spawn_worker("profile", path, tmp)
+            # The same bytes on one thread as on the pipeline's threads (put-if-absent needs it).
+            same = {(f["width"], f["format"]): Path(f["path"]).read_bytes() for f in profile["files"]}
+            identical &= all(same.get((f["width"], f["format"])) == Path(f["path"]).read_bytes() for f in runs["pipeline"]["files"])
             refs = References(path)
-            row: dict = {"photo": path.name, "size": list(refs.original.size), "floor_seconds": round(floor["seconds"], 3)}
+            row: dict = {
+                "photo": path.name,
+                "size": list(refs.original.size),
+                "floor": {"seconds": round(floor["seconds"], 3), "cpu_seconds": round(floor["cpu_seconds"], 3)},
+                "encode_only": {k: round(v, 3) for k, v in floor["encode_only"].items()},
+                "profile": {"seconds": round(profile["seconds"], 3), "cpu_seconds": round(profile["cpu_seconds"], 3)},
+                "stages": profile["stages"],
+            }
+            for unit in ("seconds", "cpu_seconds"):
+                totals[f"floor_{unit}"] += floor[unit]
+                totals[f"encode_only_{unit}"] += floor["encode_only"][unit]
+                totals[f"profile_{unit}"] += profile[unit]
+            for name, times in profile["stages"].items():
+                stage_totals.setdefault(name, {"wall": 0.0, "cpu": 0.0})
+                stage_totals[name]["wall"] += times["wall"]
+                stage_totals[name]["cpu"] += times["cpu"]
             for kind, run in runs.items():
                 scores = [score_blob(refs, Path(f["path"]).read_bytes()) for f in run["files"]]
                 q = sum(scores) / len(scores)
@@ -306,6 +401,7 @@ def bench(out: Path, limit: int | None) -> dict:
                     fmt_bytes[f["format"]] = fmt_bytes.get(f["format"], 0) + f["bytes"]
                 row[kind] = {
                     "seconds": round(run["seconds"], 3),
+                    "cpu_seconds": round(run["cpu_seconds"], 3),
                     "peak_rss_mb": round(run["peak_rss_mb"], 1),
                     "bytes": nbytes,
                     "ssim": round(q, 5),
@@ -313,18 +409,25 @@ def bench(out: Path, limit: int | None) -> dict:
                     "bytes_by_format": fmt_bytes,
                     "tiers": sorted({f["width"] for f in run["files"]}),
                 }
+                if kind == "pipeline":  # the smallest tier comes from a decode of its own
+                    first = min(f["width"] for f in run["files"])
+                    row[kind]["first_tier_ssim"] = round(
+                        sum(s for f, s in zip(run["files"], scores, strict=True) if f["width"] == first) / len(FORMATS), 5
+                    )
                 for fmt, values in fmt_scores.items():
                     by_format[kind][fmt]["ssim"].append(sum(values) / len(values))
                     by_format[kind][fmt]["bytes"] += fmt_bytes[fmt]
                 totals[f"{kind}_seconds"] += run["seconds"]
+                totals[f"{kind}_cpu_seconds"] += run["cpu_seconds"]
                 totals[f"{kind}_bytes"] += nbytes
                 quality[kind].append(q)
                 rss[kind] = max(rss[kind], run["peak_rss_mb"])
+        p, n = row["pipeline"], row["naive"]
         print(
-            f"{path.name:42s} pipeline {row['pipeline']['seconds']:6.2f}s "
-            f"{row['pipeline']['peak_rss_mb']:6.1f}MB ssim {row['pipeline']['ssim']:.4f} | "
-            f"naive {row['naive']['seconds']:6.2f}s {row['naive']['peak_rss_mb']:6.1f}MB "
-            f"ssim {row['naive']['ssim']:.4f}",
+            f"{path.name[:34]:34s} {p['seconds']:10.3f} {p['cpu_seconds']:6.2f} | {row['floor']['seconds']:7.3f} "
+            f"{row['floor']['cpu_seconds']:6.2f} {row['encode_only']['seconds']:6.3f} | {n['seconds']:7.3f} "
+            f"{n['cpu_seconds']:6.2f} | {p['seconds'] / row['floor']['seconds']:7.3f} {p['ssim']:.4f} "
+            f"{n['ssim']:.4f} {p['peak_rss_mb']:6.1f}",
             file=sys.stderr,
         )
         per_photo.append(row)
@@ -338,22 +441,31 @@ def bench(out: Path, limit: int | None) -> dict:
             "webp_quality": recipe.webp_quality,
             "webp_method": recipe.webp_method,
             "encoder_threads": recipe.encoder_threads,
+            "threads_used": _threads(recipe),
             "version": recipe.version,
         },
         "naive": {"avif_speed": NAIVE_AVIF_SPEED, "webp_method": NAIVE_WEBP_METHOD},
         "machine": {
             "cpus": os.cpu_count(),
-            "loadavg_1m_start_end": [load_start, os.getloadavg()[0]],
+            "cpu_busy_before": busy_start,
+            "loadavg_1m_start_end": [round(load_start, 2), round(os.getloadavg()[0], 2)],
         },
         "targets": TARGETS,
         "photos": len(per_photo),
-        "pipeline_over_naive": round(totals["pipeline_seconds"] / totals["naive_seconds"], 4),
-        # Same run: the pipeline against only its own encodes on pre-resized tiers.
-        "pipeline_over_floor": round(totals["pipeline_seconds"] / totals["floor_seconds"], 4),
+        "pipeline_over_naive": _ratio(totals["pipeline_seconds"], totals["naive_seconds"]),
+        # Same run: the pipeline against one decode at the largest tier's scale plus its own
+        # encodes (same encoder, same scheduling) on tiers resized beforehand.
+        "pipeline_over_floor": _ratio(totals["pipeline_seconds"], totals["floor_seconds"]),
+        "pipeline_cpu_over_floor_cpu": _ratio(totals["pipeline_cpu_seconds"], totals["floor_cpu_seconds"]),
+        # For information: against the encodes alone (the floor before issue 14).
+        "pipeline_over_encode_only": _ratio(totals["pipeline_seconds"], totals["encode_only_seconds"]),
+        "pipeline_cpu_over_encode_only_cpu": _ratio(totals["pipeline_cpu_seconds"], totals["encode_only_cpu_seconds"]),
+        "pipeline_cpu_over_naive_cpu": _ratio(totals["pipeline_cpu_seconds"], totals["naive_cpu_seconds"]),
         "quality_delta": round(q_naive - q_pipe, 5),
         "pipeline_ssim": round(q_pipe, 5),
         "naive_ssim": round(q_naive, 5),
-        "bytes_over_naive": round(totals["pipeline_bytes"] / totals["naive_bytes"], 4),
+        "bytes_over_naive": _ratio(totals["pipeline_bytes"], totals["naive_bytes"]),
+        "bytes_identical_across_threads": identical,
         "peak_rss_mb": round(rss["pipeline"], 1),
         "naive_peak_rss_mb": round(rss["naive"], 1),
         "by_format": {
@@ -363,6 +475,7 @@ def bench(out: Path, limit: int | None) -> dict:
             }
             for kind, fmts in by_format.items()
         },
+        "stages": {k: {unit: round(v, 3) for unit, v in t.items()} for k, t in stage_totals.items()},
         "totals": {k: round(v, 3) if isinstance(v, float) else v for k, v in totals.items()},
         "per_photo": per_photo,
     }
@@ -371,18 +484,42 @@ def bench(out: Path, limit: int | None) -> dict:
     }
     merge_variants(out, variants)
     print(json.dumps(variants, indent=2))
+    _print_profile(variants)
     return variants
 
 
+def _print_profile(variants: dict) -> None:
+    """Where the work goes: CPU seconds per stage and photo (the one-thread profile run),
+    then the totals with wall beside CPU for every contender."""
+    names = [name for name in variants["stages"] if variants["stages"][name]["cpu"] or name in STAGES]
+    print(f"\n{'CPU s per stage (1 thread)':34s} " + " ".join(f"{n[:12]:>12s}" for n in names) + f" {'total':>8s}")
+    for row in variants["per_photo"]:
+        cells = [row["stages"].get(n, {}).get("cpu", 0.0) for n in names]
+        print(f"{row['photo'][:34]:34s} " + " ".join(f"{c:12.3f}" for c in cells) + f" {sum(cells):8.3f}")
+    cells = [variants["stages"][n]["cpu"] for n in names]
+    total = sum(cells) or 1.0
+    print(f"{'all photos':34s} " + " ".join(f"{c:12.3f}" for c in cells) + f" {sum(cells):8.3f}")
+    print(f"{'share':34s} " + " ".join(f"{c / total:12.1%}" for c in cells))
+    t = variants["totals"]
+    print(f"\n{'totals':12s} {'wall s':>8s} {'CPU s':>8s}")
+    for kind in ("pipeline", "floor", "encode_only", "naive", "profile"):
+        print(f"{kind:12s} {t[kind + '_seconds']:8.3f} {t[kind + '_cpu_seconds']:8.3f}")
+    for field in ("pipeline_over_floor", "pipeline_cpu_over_floor_cpu", "pipeline_over_encode_only", "pipeline_over_naive"):
+        goal = variants["targets"].get(field, "")
+        print(f"variants.{field} = {variants[field]} {goal}")
+
+
 def _prepared(limit: int | None):
-    """(References, [(width, tier image)]) per photo, from our decode + render."""
+    """(path, References, the big decode, [(width, tier image)]) per photo, as the pipeline
+    makes them."""
     recipe = make_recipe()
     for path in photo_paths(limit):
         data = path.read_bytes()
-        meta = inspect_image(data, max_pixels=MAX_PIXELS)
-        widths = recipe.tier_widths(meta.width)
+        with VariantSource(data, max_pixels=MAX_PIXELS) as source:
+            widths = recipe.tier_widths(source.oriented_size[0])
+            tiers = list(variant_tiers(source, widths))
         img = decode_for_variants(data, max_pixels=MAX_PIXELS, target_width=max(widths))
-        yield path, References(path), img, list(render_tiers(img, widths))
+        yield path, References(path), img, tiers
 
 
 def sweep(limit: int | None, qualities: bool) -> None:

@@ -3,7 +3,9 @@
     python bench/run_all.py [--only engine,scale] [--strict]      (``make bench``)
 
 Each bench runs as its own subprocess, in order, and merges its key into bench/results.json:
-bench_variants.py ("variants"), bench_peer.py ("peer": the same ladder through libvips at
+bench_variants.py ("variants": pipeline vs naive and vs its floor, per-stage profile, CPU beside
+wall), bench_upload.py ("upload": upload answered -> first tier stored on one worker, and the
+upload jobs' time over the pipeline's), bench_peer.py ("peer": the same ladder through libvips at
 equal encoder settings; skipped with a line when pyvips cannot load), bench_engine.py
 ("engine"), bench_scale.py ("scale"), bench_parallel.py ("parallel", reusing bench_engine's
 W=1/W=2 measurement), bench_memory.py ("memory"), bench_recovery.py ("recovery": SIGKILLed
@@ -32,6 +34,7 @@ RESULTS = BENCH / "results.json"
 
 BENCHES: list[tuple[str, list[str]]] = [
     ("variants", ["bench_variants.py"]),
+    ("upload", ["bench_upload.py"]),
     ("peer", ["bench_peer.py"]),
     ("engine", ["bench_engine.py"]),
     ("scale", ["bench_scale.py"]),
@@ -47,6 +50,8 @@ BENCHES: list[tuple[str, list[str]]] = [
 
 # (results key, field, comparison, threshold, note); the peer goals are bench_peer.TARGETS.
 TARGETS: list[tuple[str, str, str, object, str]] = [
+    ("upload", "first_tier_ms_p50", "<=", 1000, "upload answered -> smallest tier stored, 1 worker"),
+    ("upload", "all_tiers_over_pipeline", "<=", 1.15, "upload jobs' time / bench_variants pipeline"),
     ("peer", "vips_time_over_pipeline", ">=", 1.0, "libvips ladder time / ours (still ahead?)"),
     ("peer", "vips_bytes_over_pipeline", ">=", 0.95, "libvips ladder bytes / ours"),
     ("peer", "quality_delta", "<=", 0.005, "libvips SSIM - ours"),
@@ -69,6 +74,15 @@ TARGETS: list[tuple[str, str, str, object, str]] = [
     ("quality", "mean_score_delta", ">=", 0, "mean SSIMULACRA2 per photo, auto - fixed"),
     ("quality", "worst_photo_delta", ">=", -2, "lowest per-photo SSIMULACRA2 auto - fixed"),
     ("pages", "grid_ms_p50", "<=", 8, "grid view, 48 photos x 17 URLs, server side (ms)"),
+]
+
+# Figures shown beside the targets, without a goal of their own.
+INFO: list[tuple[str, str, str]] = [
+    ("upload", "first_tier_ms_max", "slowest first tier (ms)"),
+    ("upload", "queue_wait_ms_p50", "of which the queue's pickup (ms)"),
+    ("variants", "pipeline_cpu_over_floor_cpu", "CPU seconds: pipeline / floor"),
+    ("variants", "pipeline_over_encode_only", "wall: pipeline / encodes alone (the old floor)"),
+    ("variants", "pipeline_cpu_over_naive_cpu", "CPU seconds: pipeline / naive"),
 ]
 
 OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}
@@ -110,6 +124,10 @@ def table(results: dict) -> tuple[list[str], int]:
             lines.append(f"pages under load ({pages.get('wrk')}, no goal): {info}")
         else:
             lines.append(f"pages under load: SKIPPED ({pages.get('load_skipped_reason', 'not measured')})")
+    for key, field, note in INFO:
+        value = results.get(key, {}).get(field)
+        shown = "-" if value is None else str(value)
+        lines.append(f"{key + '.' + field:44s} {shown:>14s}  {'(info)':>10s}          {note}")
     variants = results.get("variants")
     if isinstance(variants, dict):
         for field, goal in (variants.get("targets") or {}).items():

@@ -68,7 +68,7 @@ class PictureSources:
 # columns (EXIF, JSON params, timestamps) was a third of the query's cost. Reading another
 # field of a page's image costs a query per photo (the grid tests count queries).
 GRID_FIELDS = (
-    "id", "title", "image_key", "width", "height", "blurhash", "serving_set",
+    "id", "title", "image_key", "width", "height", "blurhash", "variants_ready", "ready_max_width", "serving_set",
     "serving_set__storage_kind", "serving_set__folder", "serving_set__key_version",
     "serving_set__widths", "serving_set__formats", "serving_set__ready_max_width",
 )  # fmt: skip
@@ -85,6 +85,11 @@ def gallery_page(*, before_id: int | None, page_size: int) -> GalleryPage:
     images = rows[:page_size]
     next_before = images[-1].pk if len(rows) > page_size else None
     return GalleryPage(images=images, next_before=next_before)
+
+
+def gallery_images(*, ids: list[int]) -> list[Image]:
+    """The live images among ``ids`` (with their serving sets), in id order: one query."""
+    return list(Image.objects.alive().select_related("serving_set").filter(pk__in=ids).order_by("id"))
 
 
 def image_detail(*, image_id: int) -> Image:

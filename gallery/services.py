@@ -26,6 +26,7 @@ from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
+from PIL.Image import Image as PILImage
 
 from gallery import imaging
 from gallery.imaging import CancelledError, ImageRejected, VariantRecipe
@@ -441,14 +442,20 @@ def _generate(
         raise VariantGenerationError(stage="fetch", code=exc.code, message=exc.message) from exc
     cancel()
     try:
-        meta = imaging.inspect_image(data, max_pixels=settings.PICSITE_MAX_PIXELS)
+        # The structural checks ingest ran, without its validation decode: the pixels are
+        # decoded once per scale the ladder uses (a JPEG's smallest at 1/8 or so).
+        source = imaging.VariantSource(data, max_pixels=settings.PICSITE_MAX_PIXELS, cancel=cancel)
     except ImageRejected as exc:
         raise VariantGenerationError(stage="decode", code=exc.code, message=exc.message) from exc
-    widths = recipe.tier_widths(meta.width)
-    with _low_memory_slot(data, meta, cancel) as low_memory:
+    large = source.pixels > settings.PICSITE_LOW_MEMORY_PIXELS or _is_large_progressive_jpeg(data)
+    with source, _low_memory_slot(large, cancel) as low_memory:
         if low_memory:
             recipe = replace(recipe, encoder_threads=1)
+        with _decode_errors():
+            size = source.oriented_size  # decodes a non-JPEG (its one decode)
+        widths = recipe.tier_widths(size[0])
         params = _per_image_params(data, recipe=recipe, widths=widths, cancel=cancel)
+        del data  # the source holds the bytes until its last decode
         with _set_writes(image.pk):
             target = variant_set_target(
                 image=image,
@@ -460,8 +467,16 @@ def _generate(
                 params=params,
             )
         encode_with = imaging.recipe_with_params(recipe, params)
-        writer = _SetWriter(image=image, meta=meta, token=token, target=target, storage=storage, cancel=cancel, recipe=encode_with)
-        return _encode_and_store(writer, data, force=force)
+        writer = _SetWriter(image=image, size=size, token=token, target=target, storage=storage, cancel=cancel, recipe=encode_with)
+        return _encode_and_store(writer, source, force=force)
+
+
+@contextmanager
+def _decode_errors() -> Iterator[None]:
+    try:
+        yield
+    except ImageRejected as exc:
+        raise VariantGenerationError(stage="decode", code=exc.code, message=exc.message) from exc
 
 
 def _key_version(recipe: VariantRecipe, storage: VariantStore, params: dict) -> str:
@@ -511,11 +526,10 @@ def _is_large_progressive_jpeg(data: bytes) -> bool:
 
 
 @contextmanager
-def _low_memory_slot(data: bytes, meta: imaging.PhotoMetadata, cancel: CancelCheck) -> Iterator[bool]:
+def _low_memory_slot(large: bool, cancel: CancelCheck) -> Iterator[bool]:
     """Huge images (and large progressive JPEGs) take the low-memory path: one at a
     time per host (a file lock shared by every worker process) with single-threaded
-    encodes, so N workers never hold N huge decodes at once."""
-    large = meta.width * meta.height > settings.PICSITE_LOW_MEMORY_PIXELS or _is_large_progressive_jpeg(data)
+    encodes and resizes, so N workers never hold N huge decodes at once."""
     if not large:
         yield False
         return
@@ -536,11 +550,11 @@ def _low_memory_slot(data: bytes, meta: imaging.PhotoMetadata, cancel: CancelChe
 
 @dataclass(frozen=True)
 class _SetWriter:
-    """One generation's writes: the image (under claim ``token``) and its metadata, the target
-    set and its storage, the recipe, and the cancel check polled between steps."""
+    """One generation's writes: the image (under claim ``token``) and its oriented size, the
+    target set and its storage, the recipe, and the cancel check polled between steps."""
 
     image: Image
-    meta: imaging.PhotoMetadata
+    size: tuple[int, int]
     token: str
     target: VariantSet
     storage: VariantStore
@@ -548,22 +562,14 @@ class _SetWriter:
     recipe: VariantRecipe
 
 
-def _encode_and_store(writer: _SetWriter, data: bytes, *, force: bool) -> VariantOutcome:
+def _encode_and_store(writer: _SetWriter, source: imaging.VariantSource, *, force: bool) -> VariantOutcome:
     image, target = writer.image, writer.target
-    try:
-        source = imaging.decode_for_variants(
-            data, max_pixels=settings.PICSITE_MAX_PIXELS, target_width=target.widths[-1], cancel=writer.cancel
-        )
-    except ImageRejected as exc:
-        raise VariantGenerationError(stage="decode", code=exc.code, message=exc.message) from exc
-    del data
-
     # A forced run repairs the target from its first tier (put-if-absent writes only what
     # is missing); otherwise a retry resumes after the target's last complete tier.
     outcome = VariantOutcome(image.pk, 0 if force else target.ready_max_width, False)
     written: list[str] = []
-    tiers = imaging.render_tiers(source, target.widths)
-    del source  # only the generator holds the full decode now: it is freed once tiers exist
+    threads = writer.recipe.encoder_threads or imaging.default_encoder_threads()
+    tiers = _decoded(imaging.variant_tiers(source, target.widths, threads=threads))
     try:
         with _set_writes(image.pk):
             _store_tiers(writer, tiers, outcome=outcome, written=written)
@@ -576,49 +582,75 @@ def _encode_and_store(writer: _SetWriter, data: bytes, *, force: bool) -> Varian
     return outcome
 
 
-def _store_tiers(writer: _SetWriter, tiers: Iterator, *, outcome: VariantOutcome, written: list[str]) -> None:
-    image, meta, token, target, cancel = writer.image, writer.meta, writer.token, writer.target, writer.cancel
-    blurhash = image.blurhash
-    for width, tier in tiers:
-        cancel()
-        if not blurhash:
-            blurhash = imaging.compute_blurhash(tier)
-            _claimed_update(image.pk, token, blurhash=blurhash, width=meta.width, height=meta.height)
-        if width <= outcome.ready_max_width:
-            continue
-        tier_bytes = 0
-        for fmt in target.formats:
-            cancel()
-            try:
-                payload = imaging.encode_variant(tier, fmt, writer.recipe)
-            except Exception as exc:
-                raise VariantGenerationError(stage="encode", code="variant_generation_failed", message=f"{fmt} {width}px: {exc}") from exc
-            cancel()
-            key = variant_key(folder=target.folder, image_key=image.image_key, width=width, fmt=fmt, key_version=target.key_version)
-            try:
-                stored = writer.storage.put(key, payload, imaging.output_format(fmt).mime_type)
-            except VariantOverwriteRefused as exc:
-                # Not an outage and not worth a retry: the same key would get the same bytes.
-                raise VariantGenerationError(stage="upload", code="variant_overwrite_refused", message=str(exc)) from exc
-            except VariantStorageError as exc:
-                down = storage_failure_record(storage=VARIANTS, error=str(exc))
-                code = STORAGE_UNAVAILABLE if down else "variant_upload_failed"
-                raise VariantGenerationError(stage="upload", code=code, message=str(exc)) from exc
-            if not written:
-                storage_success_record(storage=VARIANTS)
-            written.append(key)
-            if stored is not False:  # False: these very bytes were there already
-                tier_bytes += len(payload)
-                outcome.objects_written += 1
-        # Every format of this tier is stored: only now may the set advertise it.
-        variant_set_tier_stored(vset=target, token=token, width=width, tier_bytes=tier_bytes)
-        outcome.ready_max_width = width
-        outcome.tiers_written.append(width)
-        outcome.bytes_written += tier_bytes
+def _decoded(tiers: Iterator[tuple[int, PILImage]]) -> Iterator[tuple[int, PILImage]]:
+    """The ladder decodes as it goes (the big decode after the first tier): its refusals
+    are the decode stage's."""
+    with _decode_errors():
+        yield from tiers
 
-    variant_set_complete(vset=target, token=token, width=meta.width, height=meta.height)
+
+def _store_tiers(writer: _SetWriter, tiers: Iterator, *, outcome: VariantOutcome, written: list[str]) -> None:
+    """Encode and store every tier, smallest first. The first tier (from a small decode of
+    its own) is stored and served before the next is asked for, which starts the big decode;
+    after that, each tier encodes while the one before it is stored."""
+    image, token, target, cancel = writer.image, writer.token, writer.target, writer.cancel
+    blurhash = image.blurhash
+    with imaging.TierEncoder(writer.recipe, formats=target.formats, encode=imaging.encode_variant) as encoder:
+        pending: tuple[int, dict] | None = None  # a tier being encoded, stored next
+        for index, (width, tier) in enumerate(tiers):
+            cancel()
+            if not blurhash:
+                blurhash = imaging.compute_blurhash(tier)
+                _claimed_update(image.pk, token, blurhash=blurhash, width=writer.size[0], height=writer.size[1])
+            if width <= outcome.ready_max_width:
+                continue
+            encoding = (width, encoder.submit(tier))
+            del tier
+            if pending is not None:
+                _store_tier(writer, *pending, outcome=outcome, written=written)
+            pending = encoding
+            if index == 0:
+                _store_tier(writer, *pending, outcome=outcome, written=written)
+                pending = None
+        if pending is not None:
+            _store_tier(writer, *pending, outcome=outcome, written=written)
+
+    variant_set_complete(vset=target, token=token, width=writer.size[0], height=writer.size[1])
     outcome.ready_max_width = target.widths[-1]
     outcome.variants_ready = True
+
+
+def _store_tier(writer: _SetWriter, width: int, payloads: dict, *, outcome: VariantOutcome, written: list[str]) -> None:
+    """Store every format of one tier (``payloads``: format -> future bytes), then advertise it."""
+    image, target, cancel = writer.image, writer.target, writer.cancel
+    tier_bytes = 0
+    for fmt, future in payloads.items():
+        try:
+            payload = future.result()
+        except Exception as exc:
+            raise VariantGenerationError(stage="encode", code="variant_generation_failed", message=f"{fmt} {width}px: {exc}") from exc
+        cancel()
+        key = variant_key(folder=target.folder, image_key=image.image_key, width=width, fmt=fmt, key_version=target.key_version)
+        try:
+            stored = writer.storage.put(key, payload, imaging.output_format(fmt).mime_type)
+        except VariantOverwriteRefused as exc:
+            # Not an outage and not worth a retry: the same key would get the same bytes.
+            raise VariantGenerationError(stage="upload", code="variant_overwrite_refused", message=str(exc)) from exc
+        except VariantStorageError as exc:
+            down = storage_failure_record(storage=VARIANTS, error=str(exc))
+            code = STORAGE_UNAVAILABLE if down else "variant_upload_failed"
+            raise VariantGenerationError(stage="upload", code=code, message=str(exc)) from exc
+        if not written:
+            storage_success_record(storage=VARIANTS)
+        written.append(key)
+        if stored is not False:  # False: these very bytes were there already
+            tier_bytes += len(payload)
+            outcome.objects_written += 1
+    # Every format of this tier is stored: only now may the set advertise it.
+    variant_set_tier_stored(vset=target, token=writer.token, width=width, tier_bytes=tier_bytes)
+    outcome.ready_max_width = width
+    outcome.tiers_written.append(width)
+    outcome.bytes_written += tier_bytes
 
 
 def _delete_quietly(storage: VariantStore, key: str) -> None:

@@ -1,16 +1,26 @@
-"""Public pages: the photo grid and one photo. Thin adapters over ``gallery.selectors``."""
+"""Public pages: the photo grid and one photo, and the grid's pending tiles as JSON (polled
+by tiles.js). Thin adapters over ``gallery.selectors``."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import render
+from django.template.loader import render_to_string
 from django.urls import reverse
+from django.views.decorators.http import require_GET
 
+from api.auth import api_error
 from gallery.models import Image
-from gallery.selectors import VariantStores, gallery_page, image_detail, image_sources
+from gallery.selectors import (
+    VariantStores,
+    gallery_images,
+    gallery_page,
+    image_detail,
+    image_sources,
+)
 
 GRID_PAGE_SIZE = 48
 # Grid rows are about this tall (site.css: .grid li flex-basis), so a tile is about
@@ -30,10 +40,14 @@ def grid_tiles(images: list[Image]) -> list[dict]:
     href = _detail_href()
     return [
         {
+            "id": image.pk,
             "href": href(image.pk),
             "alt": image.title,
             "aspect": f"{round(_aspect(image), 4):f}",
             "pic": image_sources(image=image, stores=stores, sizes=_grid_sizes(image)),
+            "ready": image.ready_max_width,
+            # Tiers still to come: tiles.js polls ``tiles`` for them and swaps them in.
+            "pending": not image.variants_ready,
         }
         for image in images
     ]
@@ -44,6 +58,31 @@ def _detail_href() -> Callable[[int], str]:
     marker = 987654321
     head, _, tail = reverse("gallery:detail", args=[marker]).partition(str(marker))
     return lambda pk: f"{head}{pk}{tail}"
+
+
+@require_GET
+def tiles(request: HttpRequest) -> JsonResponse:
+    """``GET /tiles?ids=1,2``: the grid tiles of these live images as the grid renders them
+    (their ``<picture>``: variant URLs only, never the original or GPS), with how far their
+    variants are. tiles.js polls it for the grid's pending tiles, so a new upload's tiers
+    show as they land, without a reload. Ids that are gone are simply absent."""
+    raw = request.GET.get("ids", "")
+    try:
+        ids = sorted({int(part) for part in raw.split(",")})
+    except ValueError:
+        ids = []
+    if not ids or ids[0] < 1 or len(ids) > GRID_PAGE_SIZE:
+        return api_error(
+            400,
+            "invalid_ids",
+            f"ids must be 1 to {GRID_PAGE_SIZE} comma-separated image ids.",
+            {"ids": raw[:200]},
+        )
+    body = []
+    for tile in grid_tiles(list(gallery_images(ids=ids))):
+        html = render_to_string("gallery/_picture.html", {"pic": tile["pic"], "alt": tile["alt"]})
+        body.append({"id": tile["id"], "ready_max_width": tile["ready"], "complete": not tile["pending"], "html": html})
+    return JsonResponse({"tiles": body}, headers={"Cache-Control": "no-store"})
 
 
 def detail(request: HttpRequest, image_id: int) -> HttpResponse:

@@ -471,3 +471,45 @@ def test_view_only_user_watches_without_controls_or_kicks(kick_site, shot, djang
     assert js_errors == [], js_errors
     run.refresh_from_db()
     assert run.status == "queued" and run.processed == 0
+
+
+def test_a_new_upload_replaces_its_placeholder_without_a_reload(site, browser, shot):
+    """The grid is open when a photo is uploaded: its tile is a placeholder until the
+    upload's job (on the site's worker) stores the first tier, then the page, polling its
+    pending tiles, swaps the picture in: same document, no reload. Once every tier is in,
+    the tile stops being polled."""
+    from playwright.sync_api import expect
+
+    from gallery.services import image_ingest, image_variants_enqueue
+
+    path = CORPUS / "photos" / "canon_g9_clouds_2560x1600.jpg"
+    image = image_ingest(data=path.read_bytes(), filename=path.name).image  # not enqueued yet
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(20_000)
+    js_errors: list[str] = []
+    page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+    polls: list[str] = []
+    page.on("request", lambda request: polls.append(request.url) if "/tiles?" in request.url else None)
+    page.goto(site.base_url + "/")
+    tile = page.locator(f'li:has(a[href="/photos/{image.pk}/"])')
+    expect(tile.locator(".ph.ph--empty")).to_have_count(1)
+    expect(tile.locator("img")).to_have_count(0)
+    page.evaluate("window.__sameDocument = 'still here'")
+    shot(page, "12-grid-placeholder")
+
+    image_variants_enqueue(image_ids=[image.pk])  # what the upload view does after its commit
+    img = tile.locator("picture img")
+    expect(img).to_have_count(1, timeout=45_000)
+    page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=img.element_handle(), timeout=20_000)
+    assert page.evaluate("window.__sameDocument") == "still here"
+    assert polls and f"ids={image.pk}" in polls[0]
+    expect(tile.locator("picture source[type='image/avif']")).to_have_attribute("srcset", re.compile(r"_320\.avif 320w"))
+    page.wait_for_function("el => !el.hasAttribute('data-pending')", arg=tile.element_handle(), timeout=60_000)
+    expect(tile.locator("picture source[type='image/avif']")).to_have_attribute("srcset", re.compile(r"_640\.avif 640w"))
+    shot(page, "13-grid-tile-swapped-in")
+    polled = len(polls)
+    page.wait_for_timeout(2500)
+    assert len(polls) == polled, "the page kept polling a finished tile"
+    assert js_errors == [], js_errors
+    context.close()

@@ -213,6 +213,67 @@ def test_grid_query_count_does_not_grow_with_page(client, gallery_media):
     assert len(five) == len(forty) == 1
 
 
+# --- the grid's pending tiles (polled by tiles.js) ------------------------------------------
+
+
+@pytest.mark.django_db
+def test_grid_marks_tiles_still_being_made_for_polling(client, gallery_media):
+    done, partial, empty = make_image(ready_max_width=2560), make_image(ready_max_width=320), make_image(ready_max_width=0)
+    Image.objects.filter(pk=partial.pk).update(variants_ready=False)
+
+    html = client.get("/").content.decode()
+
+    pending = re.findall(r'<li [^>]*data-tile="(\d+)"[^>]*data-pending', html)
+    assert sorted(int(i) for i in pending) == sorted([partial.pk, empty.pk])
+    assert f'data-tile="{done.pk}" data-ready="2560">' in html
+    assert f'src="/static/gallery/tiles.js" data-endpoint="{reverse("gallery:tiles")}"' in html
+
+
+@pytest.mark.django_db
+def test_tiles_give_each_live_image_its_grid_picture_and_progress(client, gallery_media):
+    """What tiles.js swaps in: the tile's <picture> as the grid renders it (variant URLs
+    only: no original, no GPS, no pipeline error), its ready width, and whether it is done.
+    Deleted and unknown ids are absent; nothing is cached."""
+    waiting = make_image(ready_max_width=0, gps_latitude=48.8584, gps_longitude=2.2945)
+    first = make_image(ready_max_width=320, gps_latitude=48.8584, gps_longitude=2.2945, variants_error="decode/corrupt: x")
+    Image.objects.filter(pk=first.pk).update(variants_ready=False)
+    gone = make_image(ready_max_width=800, deleted_at=timezone.now())
+
+    response = client.get(reverse("gallery:tiles"), {"ids": f"{waiting.pk},{first.pk},{gone.pk},999999"})
+
+    assert response.status_code == 200 and response["Cache-Control"] == "no-store"
+    tiles = {tile["id"]: tile for tile in response.json()["tiles"]}
+    assert sorted(tiles) == [waiting.pk, first.pk]
+    assert (tiles[waiting.pk]["ready_max_width"], tiles[waiting.pk]["complete"]) == (0, False)
+    assert pictures(tiles[waiting.pk]["html"]) == [] and "ph--empty" in tiles[waiting.pk]["html"]
+    assert (tiles[first.pk]["ready_max_width"], tiles[first.pk]["complete"]) == (320, False)
+    [picture] = pictures(tiles[first.pk]["html"])
+    assert srcset_widths(picture, "avif") == [320]
+    assert f'src="/media/v/gallery/{first.image_key}_320.webp"' in picture
+    grid_html = client.get("/").content.decode()
+    assert tiles[first.pk]["html"].strip() in grid_html  # the very markup of the grid
+    body = response.content.decode()
+    assert "originals/" not in body and "48.85" not in body and "2.29" not in body and "corrupt" not in body
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("ids", ["", "abc", "1,x", "0", "-3", ",".join(str(i) for i in range(1, 50))])
+def test_tiles_refuse_bad_ids_with_a_json_error(client, gallery_media, ids):
+    response = client.get(reverse("gallery:tiles"), {"ids": ids})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_ids" and error["message"] and "details" in error
+
+
+@pytest.mark.django_db
+def test_tiles_are_one_query_whatever_their_number(client, gallery_media):
+    images = [make_image(ready_max_width=w) for w in (0, 320, 800, 0, 480)]
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get(reverse("gallery:tiles"), {"ids": ",".join(str(i.pk) for i in images)})
+    assert response.status_code == 200 and len(response.json()["tiles"]) == 5
+    assert len(queries) == 1
+
+
 # --- selectors ------------------------------------------------------------------------------
 
 
@@ -331,6 +392,7 @@ def test_ingested_photo_shows_in_grid_as_placeholder(client, gallery_media):
 def test_static_assets_exist():
     static = Path(__file__).resolve().parents[1] / "gallery" / "static" / "gallery"
     assert "function decode" in (static / "blurhash.js").read_text()
+    assert "data-pending" in (static / "tiles.js").read_text()
     assert ".ph" in (static / "site.css").read_text()
 
 

@@ -29,8 +29,11 @@ from gallery.imaging import (
     gps_coordinates,
     inspect_image,
     render_tiers,
+    resize_lanczos,
+    variant_tiers,
 )
 from gallery.imaging.blurhash import blurhash_encode
+from gallery.imaging.decode import VariantSource
 
 
 def _corpus() -> Path:
@@ -562,6 +565,54 @@ def test_render_tiers_cascade_order_and_identity() -> None:
     assert tiers[-1][1] is img  # a tier at the source width is the source itself
     with pytest.raises(ValueError):
         list(render_tiers(img, [1200]))
+
+
+@needs_corpus
+@pytest.mark.parametrize(
+    ("rel", "size"),
+    [
+        ("photos/iphone_dog_orientation6.jpg", (2560, 3413)),  # 12 MP, both passes
+        ("photos/olympus_ep3_4032x3024.jpg", (1919, 1441)),  # odd sizes
+        ("photos/olympus_ep3_4032x3024.jpg", (4032, 1000)),  # vertical pass only
+        ("photos/nokia83_harbour_4608x1976.jpg", (1000, 1976)),  # horizontal pass only
+        ("edge/rgba_mostly_transparent_2048x1536.png", (1280, 960)),  # RGBA: premultiplied
+    ],
+)
+def test_resize_in_parallel_strips_gives_the_pixels_of_one_call(rel: str, size: tuple[int, int]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = decode_for_variants(_read(rel), max_pixels=MAX_PIXELS)
+    expected = img.resize(size, Image.Resampling.LANCZOS)
+    with ThreadPoolExecutor(3) as pool:
+        got = resize_lanczos(img, size, pool=pool)
+    assert (got.mode, got.size) == (expected.mode, expected.size)
+    assert got.tobytes() == expected.tobytes()
+
+
+@needs_corpus
+@pytest.mark.parametrize(
+    "rel", ["photos/iphone_dog_orientation6.jpg", "photos/weld_16bit_rgb.png", "edge/grey_alpha_la.png", "photos/flower_exif_icc.webp"]
+)
+def test_variant_tiers_are_the_recipes_pixels(rel: str) -> None:
+    """The smallest tier from its own shrink-on-load decode, the others cascaded from one
+    decode at the largest tier's scale; threads change nothing."""
+    data = _read(rel)
+    meta = inspect_image(data, max_pixels=MAX_PIXELS)
+    widths = RECIPE.tier_widths(meta.width)
+    small = decode_for_variants(data, max_pixels=MAX_PIXELS, target_width=widths[0])
+    first_h = _expected_height(widths[0], meta.width, meta.height)
+    expected = [small if small.size == (widths[0], first_h) else small.resize((widths[0], first_h), Image.Resampling.LANCZOS)]
+    if len(widths) > 1:
+        big = decode_for_variants(data, max_pixels=MAX_PIXELS, target_width=widths[-1])
+        expected += [tier for _w, tier in render_tiers(big, widths[1:])]
+    for threads in (1, 2):
+        with VariantSource(data, max_pixels=MAX_PIXELS) as source:
+            assert source.oriented_size == (meta.width, meta.height)
+            got = list(variant_tiers(source, widths, threads=threads))
+        assert [w for w, _t in got] == widths
+        for (w, tier), want in zip(got, expected, strict=True):
+            assert tier.size == (w, _expected_height(w, meta.width, meta.height))
+            assert tier.tobytes() == want.tobytes(), (threads, w)
 
 
 def test_encode_strips_metadata_even_if_image_carries_it() -> None:

@@ -14,6 +14,7 @@ from PIL import Image as PILImage
 from gallery.jobs import generate_variants_job, upload_retry_delay
 from gallery.models import Image
 from gallery.services import _claim, image_ingest
+from tests.variants_support import PipelineEvents
 
 pytestmark = pytest.mark.django_db
 
@@ -103,3 +104,17 @@ def _small_jpeg(i: int) -> bytes:
     buf = io.BytesIO()
     PILImage.new("RGB", (64, 48), (i * 20 % 256, 90, 200)).save(buf, "JPEG")
     return buf.getvalue()
+
+
+def test_first_tier_is_stored_and_served_before_the_big_decode(corpus, local_storage, monkeypatch):
+    """A new upload shows as soon as possible: its job stores the smallest tier (both
+    formats) from a shrink-on-load decode, and serves it, before the decode for the rest."""
+    path = corpus / "photos/canon_sx60_orientation6.jpg"  # stored 2048x1536: tiers up to 1280
+    image = image_ingest(data=path.read_bytes(), filename=path.name).image
+    events = PipelineEvents().install(monkeypatch)
+    served_at_decode = []
+    events.on_decode = lambda im: served_at_decode.append(Image.objects.get(pk=image.pk).ready_max_width)
+    assert generate_variants_job(image.pk) == "ready"
+    assert events.log[:3] == [("decode", "JPEG", (512, 384)), ("put", "320.avif"), ("put", "320.webp")]
+    assert events.log[3] == ("decode", "JPEG", (2048, 1536))
+    assert served_at_decode == [0, 320]  # the big decode starts with the first tier served

@@ -292,6 +292,33 @@ def test_encoder_thread_count_does_not_change_the_bytes(corpus, photo, width, si
         assert len(set(digests.values())) == 1, f"{fmt} differs by thread count: {digests}"
 
 
+@pytest.mark.parametrize("photo", ["photos/canon_sx60_orientation6.jpg", "photos/embedgravitybird_rgba.png"])
+def test_formats_encoded_side_by_side_give_the_bytes_of_one_at_a_time(corpus, photo):
+    """Both formats of a tier encode at once on two threads. Image.save() keeps its options
+    on the Image object while it runs, so the two saves of one tier read each other's
+    (WebP got AVIF's quality 55) until each encode saved through an object of its own."""
+    from gallery.services import variant_recipe_current
+
+    recipe = variant_recipe_current()
+    with imaging.VariantSource((corpus / photo).read_bytes(), max_pixels=100_000_000) as source:
+        tiers = list(imaging.variant_tiers(source, recipe.tier_widths(source.oriented_size[0])))
+
+    def digests(encoder: imaging.TierEncoder) -> dict[str, str]:
+        return {
+            f"{width}.{fmt}": hashlib.sha256(blob).hexdigest()[:16]
+            for width, tier in tiers
+            for fmt, blob in encoder.encode(tier).items()
+        }
+
+    with imaging.TierEncoder(replace(recipe, encoder_threads=1)) as one_at_a_time:
+        assert not one_at_a_time.parallel
+        expected = digests(one_at_a_time)
+    with imaging.TierEncoder(replace(recipe, encoder_threads=2)) as side_by_side:
+        assert side_by_side.parallel
+        for _ in range(3):
+            assert digests(side_by_side) == expected
+
+
 @pytest.mark.django_db
 def test_low_memory_path_stores_the_same_bytes(corpus, settings, media_root, monkeypatch):
     from gallery.services import image_ingest, preprocess_image

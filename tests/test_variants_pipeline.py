@@ -21,7 +21,7 @@ from gallery.storage import (
     VariantStorageNotConfigured,
     variant_store_resolve,
 )
-from tests.variants_support import served_key, served_keys
+from tests.variants_support import PipelineEvents, served_key, served_keys
 
 pytestmark = pytest.mark.django_db
 
@@ -188,3 +188,40 @@ def test_progressive_jpeg_detection(corpus, settings):
     assert not _is_large_progressive_jpeg((corpus / "photos/jolla_leaf_3264x2448.jpg").read_bytes())
     settings.PICSITE_LOW_MEMORY_PROGRESSIVE_BYTES = 100 * 1024 * 1024
     assert not _is_large_progressive_jpeg((corpus / "edge/panorama_equirect_4096x2048.jpg").read_bytes())
+
+
+# --- one decode per scale: validation happened at ingest ------------------------------------
+
+
+@pytest.mark.parametrize("rel", ["photos/webp_gallery_tree.webp", "photos/weld_16bit_rgb.png"])
+def test_generation_decodes_a_non_jpeg_original_once(corpus, local_storage, monkeypatch, rel):
+    """Ingest validated the upload with a full decode; generation decoded it fully again to
+    validate it, then a third time for the pixels. The structural checks stay, the
+    validation decode goes: a format that cannot shrink on load is decoded once."""
+    image = _ingest(corpus, rel)
+    events = PipelineEvents().install(monkeypatch)
+    assert preprocess_image(image, local_storage).variants_ready
+    assert len(events.decodes()) == 1, events.decodes()
+
+
+def test_generation_decodes_a_jpeg_once_per_scale_it_uses(corpus, local_storage, monkeypatch):
+    """No 1/8-scale validation decode: one shrink-on-load decode for the smallest tier (the
+    smallest scale that still covers 320 px), one for the largest tier's scale."""
+    image = _ingest(corpus, "photos/canon_sx60_orientation6.jpg")  # stored 2048x1536, EXIF 6
+    events = PipelineEvents().install(monkeypatch)
+    assert preprocess_image(image, local_storage).tiers_written == [320, 480, 640, 800, 1080, 1280]
+    assert events.decodes() == [("JPEG", (512, 384)), ("JPEG", (2048, 1536))]
+
+
+def test_a_missing_structural_check_still_refuses_the_original(corpus, local_storage, media_root):
+    """Dropping the validation decode keeps the checks that need no pixels: a PNG whose
+    checksum was damaged after ingest fails at the decode stage, advertising nothing."""
+    image = _ingest(corpus, "photos/embedgravitybird_rgba.png")
+    path = media_root / image.original.name
+    data = bytearray(path.read_bytes())
+    data[40] ^= 0xFF  # inside the first chunk after IHDR: its CRC no longer matches
+    path.write_bytes(bytes(data))
+    with pytest.raises(VariantGenerationError) as info:
+        preprocess_image(image, local_storage)
+    assert (info.value.stage, info.value.code) == ("decode", "corrupt")
+    assert served_keys(image) == []

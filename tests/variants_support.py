@@ -1,4 +1,5 @@
-"""What an image advertises, for tests: the keys of its serving set's ready tiers."""
+"""What an image advertises, for tests: the keys of its serving set's ready tiers; and the
+decodes and puts of a generation, in order."""
 
 from __future__ import annotations
 
@@ -44,3 +45,42 @@ def serve_set(image: Image, *, ready_max_width: int, key_version: str = "", fold
     )  # fmt: skip
     image.refresh_from_db()
     return image
+
+
+class PipelineEvents:
+    """Pixel decodes and variant puts, in the order they happen (install with ``install``).
+
+    A decode is a Pillow load that ran a decoder: ("decode", format, decoded size); a put is
+    ("put", "<width>.<format>") for a LocalVariantStore put. ``on_decode`` (optional) runs at
+    each decode, before the pixels are read.
+    """
+
+    def __init__(self):
+        self.log: list[tuple] = []
+        self.on_decode = None
+
+    def install(self, monkeypatch) -> PipelineEvents:
+        from PIL import ImageFile
+
+        from gallery.storage import LocalVariantStore
+
+        real_load, real_put = ImageFile.ImageFile.load, LocalVariantStore.put
+        events = self
+
+        def load(im):
+            if im.tile:
+                events.log.append(("decode", im.format, im.size))
+                if events.on_decode is not None:
+                    events.on_decode(im)
+            return real_load(im)
+
+        def put(store, key, data, content_type):
+            events.log.append(("put", key.rsplit("_", 1)[-1]))
+            return real_put(store, key, data, content_type)
+
+        monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+        monkeypatch.setattr(LocalVariantStore, "put", put)
+        return self
+
+    def decodes(self) -> list[tuple]:
+        return [event[1:] for event in self.log if event[0] == "decode"]

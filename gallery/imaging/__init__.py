@@ -13,10 +13,13 @@ Modules, in the order an original goes through them:
 - ``sniffing``: content sniffing and structural checks before Pillow decodes anything;
 - ``metadata``: EXIF, orientation, capture time, GPS; ``inspect_image``;
 - ``colour``: pixel modes and ICC/Lab/CMYK to sRGB;
-- ``decode``: ``decode_for_variants``, upright sRGB pixels shrunk on load;
+- ``decode``: ``VariantSource`` (an original opened once, decoded per scale) and
+  ``decode_for_variants``: upright sRGB pixels shrunk on load;
 - ``formats``: the output formats (data: MIME, encoder options, ``<picture>`` order);
-- ``variants``: the recipe, the tier ladder, encoding;
+- ``variants``: the recipe, the tier ladder (``variant_tiers``: the smallest tier from its own
+  small decode, the rest cascaded from one big decode), encoding (``TierEncoder``);
 - ``quality``: content-adaptive quality (the per-image quality search, SSIMULACRA2);
+- ``profile``: wall and CPU seconds per stage, for the benchmarks;
 - ``blurhash``: the placeholder hash.
 """
 
@@ -25,7 +28,7 @@ from __future__ import annotations
 import pillow_heif
 
 from gallery.imaging.blurhash import compute_blurhash
-from gallery.imaging.decode import SOURCE_SIZE_KEY, decode_for_variants
+from gallery.imaging.decode import SOURCE_SIZE_KEY, VariantSource, decode_for_variants
 from gallery.imaging.errors import CancelledError, ImageRejected
 from gallery.imaging.formats import (
     CONTENT_TYPES,
@@ -39,14 +42,19 @@ from gallery.imaging.formats import (
     picture_formats,
 )
 from gallery.imaging.metadata import PhotoMetadata, gps_coordinates, inspect_image
+from gallery.imaging.profile import StageTimes
 from gallery.imaging.quality import QualityChoice, quality_choose, recipe_with_params
 from gallery.imaging.variants import (
     PIPELINE_REVISION,
+    TierEncoder,
     VariantRecipe,
     default_encoder_threads,
     encode_variant,
     encoder_problems,
     render_tiers,
+    resize_lanczos,
+    tier_height,
+    variant_tiers,
 )
 
 # HEIC/HEIF is not built into Pillow; registering is idempotent.
@@ -63,7 +71,10 @@ __all__ = [
     "OutputFormat",
     "PhotoMetadata",
     "QualityChoice",
+    "StageTimes",
+    "TierEncoder",
     "VariantRecipe",
+    "VariantSource",
     "compute_blurhash",
     "decode_for_variants",
     "default_encoder_threads",
@@ -79,4 +90,7 @@ __all__ = [
     "quality_choose",
     "recipe_with_params",
     "render_tiers",
+    "resize_lanczos",
+    "tier_height",
+    "variant_tiers",
 ]

@@ -141,9 +141,9 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     )
 
 
-def to_srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
+def to_srgb(img: Image.Image, icc: bytes | None, *, in_place: bool = True) -> Image.Image:
     """Convert to sRGB RGB/RGBA. RGB->RGB profile transforms run in place (one fewer
-    full-size copy), so the caller must own ``img``."""
+    full-size copy), so the caller must own ``img``, or pass ``in_place=False``."""
     img = normalise_mode(img)
     alpha = None
     if img.mode in ("LA", "RGBA"):
@@ -153,7 +153,7 @@ def to_srgb(img: Image.Image, icc: bytes | None) -> Image.Image:
         img = img.convert(img.mode[:-1])
     transform = _srgb_transform(icc, img.mode) if icc else None
     if transform is not None and img.mode == "RGB":
-        if img.readonly:  # e.g. memory-mapped: never write into the source buffer
+        if img.readonly or not in_place:  # e.g. memory-mapped: never write into the source
             img = img.copy()
         transform.apply_in_place(img)
         rgb = img

@@ -1,4 +1,11 @@
-"""Variants: the recipe (what makes the bytes), the tier ladder, and encoding each tier."""
+"""Variants: the recipe (what makes the bytes), the tier ladder, and encoding each tier.
+
+The pixels of a recipe (``PIPELINE_REVISION`` 2): the smallest tier is resized (LANCZOS) from
+a decode of its own at the smallest scale shrink-on-load allows, so a new upload's first tier
+can be stored before the big decode starts; every other tier is cascaded from one decode at
+the largest tier's scale, each resized (LANCZOS) from the next larger one. ``variant_tiers``
+is that definition; threads and strips change the speed, never a pixel.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +13,26 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
 from PIL import Image
 
-from gallery.imaging.decode import SOURCE_SIZE_KEY
+from gallery.imaging.decode import SOURCE_SIZE_KEY, VariantSource
 from gallery.imaging.formats import LEGACY_FORMATS, format_names, output_format, output_formats
+from gallery.imaging.profile import StageTimes, timed
 
 # Bump when the pixels this module produces change for the same recipe (resize/colour logic,
 # a format's fixed encoder options), so VariantRecipe.version changes and stored variants get
-# regenerated.
-PIPELINE_REVISION = 1
+# regenerated. 2: the smallest tier comes from its own shrink-on-load decode (issue 14).
+PIPELINE_REVISION = 2
 # Bump when the quality search (``quality``) would choose differently for the same recipe.
 QUALITY_SEARCH_REVISION = 1
 QUALITY_MODES = ("fixed", "auto")
+
+_LANCZOS = Image.Resampling.LANCZOS
 
 
 @dataclass(frozen=True)
@@ -102,8 +113,60 @@ class VariantRecipe:
 # the 0.005 budget, and renders the ladder 2-3x faster. False = every tier from the source.
 _CASCADE = True
 
+# Below this many source pixels a resize is not worth cutting into strips.
+_STRIP_MIN_PIXELS = 1 << 20
 
-def render_tiers(img: Image.Image, widths: list[int]) -> Iterator[tuple[int, Image.Image]]:
+
+def resize_lanczos(img: Image.Image, size: tuple[int, int], *, pool: ThreadPoolExecutor | None = None) -> Image.Image:
+    """``img.resize(size, LANCZOS)``, cut into strips on ``pool``'s threads: the same pixels.
+
+    Pillow resamples horizontally, then vertically, with 8-bit results in between (RGBA
+    premultiplied throughout). Each pass is independent per row (horizontal) or per column
+    (vertical), with weights that depend only on the two sizes, so a pass cut into strips
+    gives every pixel exactly as one call does, and the strips run in parallel (Pillow
+    releases the GIL while it resamples).
+    """
+    if pool is None or img.mode not in ("RGB", "RGBA") or img.width * img.height < _STRIP_MIN_PIXELS:
+        return img.resize(size, _LANCZOS)
+    work = img.convert("RGBa") if img.mode == "RGBA" else img
+    core = work.im
+    if size[0] != core.size[0]:
+        core = _resample_pass(core, (size[0], core.size[1]), pool)
+    if size[1] != core.size[1]:
+        core = _resample_pass(core, size, pool)
+    out = img._new(core)
+    return out.convert("RGBA") if img.mode == "RGBA" else out
+
+
+def _resample_pass(core, size: tuple[int, int], pool: ThreadPoolExecutor):
+    """One pass of ``resize_lanczos``: horizontal when the width changes (cut into bands of
+    rows), else vertical (cut into bands of columns)."""
+    width, height = core.size
+    horizontal = size[0] != width
+    extent = height if horizontal else width
+    count = min(extent, 4 * max(1, pool._max_workers))  # a few per thread: even finishing times
+    bounds = [(extent * i // count, extent * (i + 1) // count) for i in range(count)]
+
+    def strip(lo: int, hi: int):
+        if horizontal:
+            return core.crop((0, lo, width, hi)).resize((size[0], hi - lo), _LANCZOS, (0, 0, width, hi - lo))
+        return core.crop((lo, 0, hi, height)).resize((hi - lo, size[1]), _LANCZOS, (0, 0, hi - lo, height))
+
+    out = Image.core.new(core.mode, size)
+    futures = [(lo, hi, pool.submit(strip, lo, hi)) for lo, hi in bounds if hi > lo]
+    for lo, hi, future in futures:
+        box = (0, lo, size[0], hi) if horizontal else (lo, 0, hi, size[1])
+        out.paste(future.result(), box)
+    return out
+
+
+def render_tiers(
+    img: Image.Image,
+    widths: list[int],
+    *,
+    pool: ThreadPoolExecutor | None = None,
+    stages: StageTimes | None = None,
+) -> Iterator[tuple[int, Image.Image]]:
     """Yield (width, image) smallest first; each tier is resized (LANCZOS) from the next larger
     one, which costs < 0.003 SSIM against resizing each from the source (bench --cascade-check)
     and is 2-3x faster.
@@ -112,23 +175,71 @@ def render_tiers(img: Image.Image, widths: list[int]) -> Iterator[tuple[int, Ima
     round(w * H / W), at least 1. A tier as wide as img is img itself. All tiers exist before
     the first is yielded (the cascade needs the big ones first), but each is released once
     yielded, so by the time the largest (most memory-hungry) tier is encoded the smaller ones
-    are gone; drop your own reference to img before iterating and it is freed too.
+    are gone; drop your own reference to img before iterating and it is freed too. ``pool``
+    cuts each resize into strips (``resize_lanczos``: same pixels).
     """
     src_w, src_h = img.info.get(SOURCE_SIZE_KEY, img.size)
     ordered = sorted(set(widths), reverse=True)
     if ordered and ordered[0] > img.width:
         raise ValueError(f"tier {ordered[0]} is wider than the decoded image ({img.width})")
     pending: list[tuple[int, Image.Image]] = []  # largest first, so pop() gives the smallest
-    current = img
-    for w in ordered:
-        h = max(1, round(w * src_h / src_w))
-        base = current if _CASCADE else img
-        tier = base if base.size == (w, h) else base.resize((w, h), Image.Resampling.LANCZOS)
-        pending.append((w, tier))
-        current = tier
+    current = base = img
+    with timed(stages, "resize"):
+        for w in ordered:
+            h = tier_height(w, (src_w, src_h))
+            base = current if _CASCADE else img
+            tier = base if base.size == (w, h) else resize_lanczos(base, (w, h), pool=pool)
+            pending.append((w, tier))
+            current = tier
     del img, current, base  # only the tiers stay alive
     while pending:
         yield pending.pop()
+
+
+def tier_height(width: int, source_size: tuple[int, int]) -> int:
+    """A tier's height: the oriented source's aspect, rounded, at least 1."""
+    src_w, src_h = source_size
+    return max(1, round(width * src_h / src_w))
+
+
+def variant_tiers(
+    source: VariantSource,
+    widths: Sequence[int],
+    *,
+    threads: int = 1,
+    stages: StageTimes | None = None,
+) -> Iterator[tuple[int, Image.Image]]:
+    """Every tier of ``widths``, smallest first: the recipe's pixels (see the module docstring).
+
+    The smallest tier is made and yielded before the big decode starts (a JPEG's 1/8-scale
+    decode costs a few per cent of the full one), so a caller can store it first; the big
+    decode happens when the second tier is asked for. ``threads`` > 1 cuts each resize into
+    parallel strips (same pixels).
+    """
+    ordered = sorted(set(widths))
+    if not ordered:
+        return
+    first, rest = ordered[0], ordered[1:]
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="resize") if threads > 1 else None
+    try:
+        with timed(stages, "first_decode"):
+            small = source.decode(first, last=not rest)
+        with timed(stages, "first_resize"):
+            size = (first, tier_height(first, small.info.get(SOURCE_SIZE_KEY, small.size)))
+            tier = small if small.size == size else resize_lanczos(small, size, pool=pool)
+        del small
+        yield first, tier
+        del tier
+        if not rest:
+            return
+        with timed(stages, "decode"):
+            big = source.decode(rest[-1], last=True)
+        tiers = render_tiers(big, rest, pool=pool, stages=stages)
+        del big  # the cascade holds the decode only until the tiers exist
+        yield from tiers
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def default_encoder_threads(workers: int | None = None) -> int:
@@ -146,6 +257,11 @@ def encode_variant(img: Image.Image, fmt: str, recipe: VariantRecipe) -> bytes:
     spec = output_format(fmt)
     if img.mode not in ("RGB", "RGBA"):
         img = img.convert("RGBA" if img.has_transparency_data else "RGB")
+    else:
+        # save() keeps its options on the Image object (encoderinfo) while it runs, so two
+        # formats of one tier encoded at once would read each other's quality: each encode
+        # saves through an object of its own, sharing the pixels (no copy).
+        img = img._new(img.im)
     threads = recipe.encoder_threads or default_encoder_threads()
     buf = io.BytesIO()
     img.save(
@@ -157,6 +273,72 @@ def encode_variant(img: Image.Image, fmt: str, recipe: VariantRecipe) -> bytes:
         xmp=b"",
     )
     return buf.getvalue()
+
+
+Encode = Callable[[Image.Image, str, VariantRecipe], bytes]
+
+
+class TierEncoder:
+    """Encodes tiers in every output format: the formats of a tier side by side on threads of
+    their own when the recipe's thread budget is over one, else one after another.
+
+    The bytes are the same either way (AVIF's row-mt is off, so its bitstream does not
+    depend on threads; WebP encodes on one thread). ``submit`` returns a future per format at
+    once, so a caller can store the previous tier while this one encodes. ``encode`` is
+    looked up by the caller (tests wrap ``gallery.imaging.encode_variant``).
+    """
+
+    def __init__(
+        self,
+        recipe: VariantRecipe,
+        *,
+        formats: Sequence[str] | None = None,
+        encode: Encode | None = None,
+        stages: StageTimes | None = None,
+    ):
+        self.recipe = recipe
+        self.formats = tuple(formats or format_names())
+        self._encode = encode or encode_variant
+        self._stages = stages
+        budget = recipe.encoder_threads or default_encoder_threads()
+        parallel = budget > 1 and len(self.formats) > 1
+        self._pool = ThreadPoolExecutor(len(self.formats), thread_name_prefix="encode") if parallel else None
+
+    @property
+    def parallel(self) -> bool:
+        return self._pool is not None
+
+    def _one(self, tier: Image.Image, fmt: str) -> bytes:
+        with timed(self._stages, f"encode_{fmt}"):
+            return self._encode(tier, fmt, self.recipe)
+
+    def submit(self, tier: Image.Image) -> dict[str, Future[bytes]]:
+        """A future per format of ``tier`` (already done when encodes run inline)."""
+        futures: dict[str, Future[bytes]] = {}
+        for fmt in self.formats:
+            if self._pool is not None:
+                futures[fmt] = self._pool.submit(self._one, tier, fmt)
+                continue
+            future: Future[bytes] = Future()
+            try:
+                future.set_result(self._one(tier, fmt))
+            except Exception as exc:
+                future.set_exception(exc)
+            futures[fmt] = future
+        return futures
+
+    def encode(self, tier: Image.Image) -> dict[str, bytes]:
+        return {fmt: future.result() for fmt, future in self.submit(tier).items()}
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> TierEncoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @lru_cache(maxsize=1)

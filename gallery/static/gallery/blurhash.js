@@ -79,6 +79,9 @@
     else img.addEventListener("load", done, { once: true });
   }
 
+  // tiles.js paints the tiles it swaps in.
+  window.picsiteBlurhash = { paint: paint };
+
   function run() {
     var boxes = document.querySelectorAll("[data-blurhash]");
     for (var i = 0; i < boxes.length; i++) paint(boxes[i]);
