@@ -12,7 +12,6 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 from django.views.decorators.http import require_GET
 
-from api.auth import api_error
 from gallery.models import Image
 from gallery.selectors import (
     VariantStores,
@@ -72,12 +71,9 @@ def tiles(request: HttpRequest) -> JsonResponse:
     except ValueError:
         ids = []
     if not ids or ids[0] < 1 or len(ids) > GRID_PAGE_SIZE:
-        return api_error(
-            400,
-            "invalid_ids",
-            f"ids must be 1 to {GRID_PAGE_SIZE} comma-separated image ids.",
-            {"ids": raw[:200]},
-        )
+        # The API's error shape (the gallery knows nothing of the api app).
+        problem = {"code": "invalid_ids", "message": f"ids must be 1 to {GRID_PAGE_SIZE} comma-separated image ids."}
+        return JsonResponse({"error": {**problem, "details": {"ids": raw[:200]}}}, status=400)
     body = []
     for tile in grid_tiles(list(gallery_images(ids=ids))):
         html = render_to_string("gallery/_picture.html", {"pic": tile["pic"], "alt": tile["alt"]})

@@ -15,10 +15,10 @@ from PIL import Image
 
 from gallery.imaging import (
     VariantRecipe,
-    decode_for_variants,
+    VariantSource,
     encode_variant,
     quality,
-    render_tiers,
+    variant_tiers,
 )
 from gallery.imaging.quality import quality_choose, quality_search, recipe_with_params
 from gallery.models import Image as Photo
@@ -129,7 +129,8 @@ def test_the_chosen_qualities_are_the_sets_params_its_key_version_and_its_bytes(
     assert vset.recipe_version == recipe.version  # the recipe records what the settings asked, not the choice
     # The objects are the tiers encoded at the chosen qualities.
     data = (corpus / SOURCE).read_bytes()
-    tiers = dict(render_tiers(decode_for_variants(data, max_pixels=10**8, target_width=800), vset.widths))
+    with VariantSource(data, max_pixels=10**8) as source:  # the tiers as the pipeline makes them
+        tiers = dict(variant_tiers(source, vset.widths))
     encode_with = recipe_with_params(recipe, vset.params)
     assert (encode_with.avif_quality, encode_with.webp_quality) == (chosen["avif"], chosen["webp"])
     for fmt in ("avif", "webp"):
