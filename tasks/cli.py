@@ -29,6 +29,7 @@ from django.utils import timezone
 from tasks import engine, registry, selectors
 from tasks.models import AdminTaskRun, RunStatus
 from tasks.registry import ScopeFieldType
+from tasks.text import format_bytes, format_duration
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PLAIN_EVERY_S = 2.0
@@ -94,23 +95,6 @@ def _line(stream: TextIO, text: str) -> None:
     _write(stream, text + "\n")
 
 
-def _fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "--:--"
-    seconds = max(0, int(round(seconds)))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
 class _Progress:
     """One updating bar line on a TTY; plain lines at most every 2 s otherwise."""
 
@@ -127,7 +111,7 @@ class _Progress:
         c = engine.live_counters(run)
         p = engine.progress(run, processed=c["processed"])
         rate = p["items_per_second"]
-        eta = _fmt_duration(p["eta_seconds"]) if run.status in RunStatus.runnable() else "--:--"
+        eta = format_duration(p["eta_seconds"]) if run.status in RunStatus.runnable() else "--:--"
         counts = f"{c['processed']}/{run.total}"
         if self.is_tty:
             filled = int(TTY_BAR_WIDTH * min(p["percent"], 100.0) / 100)
@@ -220,9 +204,9 @@ def _dry_run(defn, preview: engine.Preview, budget: dict | None, active, stdout)
     _line(stdout, f"  scope: {json.dumps(preview.scope)}")
     _line(stdout, f"  {preview.count} items would be processed")
     if preview.count:
-        parts = [f"about {_fmt_duration(est.get('cpu_seconds'))} of processing"]
+        parts = [f"about {format_duration(est.get('cpu_seconds'))} of processing"]
         if est.get("bytes"):
-            parts.append(f"{_fmt_bytes(est['bytes'])} written")
+            parts.append(f"{format_bytes(est['bytes'])} written")
         if est.get("object_writes"):
             parts.append(f"{est['object_writes']} object writes")
         if "money" in est:
@@ -378,7 +362,7 @@ def _summary(run: AdminTaskRun, stdout) -> int:
     p = engine.progress(run, processed=c["processed"])
     _line(
         stdout,
-        f"Run #{run.pk} {run.status}: {c['processed']}/{run.total} processed in {_fmt_duration(p['elapsed_seconds'])} - "
+        f"Run #{run.pk} {run.status}: {c['processed']}/{run.total} processed in {format_duration(p['elapsed_seconds'])} - "
         f"succeeded {c['succeeded']}, skipped {c['skipped']}, failed {c['failed']}.",
     )
     failed = selectors.run_failed_items(run=run, limit=MAX_FAILED_LISTED + 1)

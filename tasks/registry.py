@@ -259,6 +259,17 @@ def scope_ids(scope: dict, name: str, *, limit: int) -> list[int] | None:
     return list(dict.fromkeys(value))
 
 
+# The most ids one batch run takes (the API answers 400 above it).
+MAX_BATCH_IDS = 1000
+
+
+def batch_scope(scope: dict, name: str, ids: list[int]) -> dict:
+    """The normalized scope of a batch over ``ids`` (from ``scope_ids``), naming the ids given
+    more than once, so the run reports them instead of silently collapsing them."""
+    duplicates = scope_duplicates(scope, name)
+    return {"mode": "ids", name: ids, **({"duplicates": duplicates} if duplicates else {})}
+
+
 def scope_duplicates(scope: dict, name: str) -> list[int]:
     """Ids given more than once in ``scope[name]`` (each once, in order of first repeat)."""
     seen: set[int] = set()

@@ -85,14 +85,11 @@ ON_FINISH_TABLE = "test_on_finish_calls"  # not a Django table: flushes leave it
 
 
 def _normalize_batch(raw: dict) -> dict:
-    from tasks.registry import scope_duplicates, scope_ids
+    from tasks.registry import MAX_BATCH_IDS, batch_scope, scope_ids
 
     reject_unknown_keys(raw, {"image_ids"})
-    ids = scope_ids(raw, "image_ids", limit=1000)
-    if ids is None:
-        return {"mode": "all"}
-    duplicates = scope_duplicates(raw, "image_ids")
-    return {"mode": "ids", "image_ids": ids, **({"duplicates": duplicates} if duplicates else {})}
+    ids = scope_ids(raw, "image_ids", limit=MAX_BATCH_IDS)
+    return batch_scope(raw, "image_ids", ids) if ids else {"mode": "all"}
 
 
 def _batch_scope(scope: dict):
@@ -141,6 +138,7 @@ BATCH_DEFINITION = register(
         batch_ids=lambda scope: scope["image_ids"] if scope.get("mode") == "ids" else None,
         item_result=lambda image: {"title": image.title},
         on_finish=_on_finish,
+        listed=False,
     )
 )
 

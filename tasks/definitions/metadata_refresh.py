@@ -12,31 +12,29 @@ from gallery.selectors import image_thumbnail_urls
 from gallery.services import STORAGE_UNAVAILABLE, OriginalFetchError, image_refresh_metadata
 from gallery.storage_health import ORIGINALS, storages_recover
 from tasks.registry import (
+    MAX_BATCH_IDS,
     CostModel,
     ItemFailure,
     ItemResult,
     ScopeError,
     ScopeField,
     TaskDefinition,
+    batch_scope,
     register,
     reject_unknown_keys,
     scope_bool,
-    scope_duplicates,
     scope_ids,
 )
-
-MAX_EXPLICIT_IDS = 1000
 
 
 def normalize_scope(raw: dict) -> dict:
     reject_unknown_keys(raw, {"missing_only", "image_ids"})
-    ids = scope_ids(raw, "image_ids", limit=MAX_EXPLICIT_IDS)
+    ids = scope_ids(raw, "image_ids", limit=MAX_BATCH_IDS)
     missing_only = scope_bool(raw, "missing_only")
     if ids and missing_only:
         raise ScopeError("image_ids", "choose one of missing_only, image_ids")
     if ids:
-        duplicates = scope_duplicates(raw, "image_ids")
-        return {"mode": "ids", "image_ids": ids, **({"duplicates": duplicates} if duplicates else {})}
+        return batch_scope(raw, "image_ids", ids)
     return {"mode": "missing" if missing_only else "all"}
 
 
@@ -72,10 +70,10 @@ DEFINITION = register(
             ScopeField(
                 "image_ids",
                 "int_list",
-                f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids",
+                f"An explicit batch of up to {MAX_BATCH_IDS} ids",
                 label="Explicit ids",
                 flag="--ids",
-                max_items=MAX_EXPLICIT_IDS,
+                max_items=MAX_BATCH_IDS,
             ),
         ),
         normalize_scope=normalize_scope,

@@ -31,6 +31,7 @@ from gallery.services import (
 from gallery.storage import VariantStorageNotConfigured, variant_store_resolve
 from gallery.storage_health import storages_recover
 from tasks.registry import (
+    MAX_BATCH_IDS,
     CostModel,
     ItemFailure,
     ItemResult,
@@ -39,26 +40,23 @@ from tasks.registry import (
     ScopeField,
     TaskDefinition,
     TaskUnavailable,
+    batch_scope,
     register,
     reject_unknown_keys,
     scope_bool,
-    scope_duplicates,
     scope_ids,
 )
-
-MAX_EXPLICIT_IDS = 1000
 
 
 def normalize_scope(raw: dict) -> dict:
     reject_unknown_keys(raw, {"force", "stale", "failed_only", "new_only", "image_ids"})
-    ids = scope_ids(raw, "image_ids", limit=MAX_EXPLICIT_IDS)
+    ids = scope_ids(raw, "image_ids", limit=MAX_BATCH_IDS)
     flags = {name: scope_bool(raw, name) for name in ("force", "stale", "failed_only", "new_only")}
     chosen = [name for name, on in flags.items() if on] + (["image_ids"] if ids else [])
     if len(chosen) > 1:
         raise ScopeError(chosen[1], f"choose one of force, stale, failed_only, new_only, image_ids (got {', '.join(chosen)})")
     if ids:
-        duplicates = scope_duplicates(raw, "image_ids")
-        return {"mode": "ids", "image_ids": ids, **({"duplicates": duplicates} if duplicates else {})}
+        return batch_scope(raw, "image_ids", ids)
     mode = {"force": "all", "stale": "stale", "failed_only": "failed", "new_only": "new"}.get(
         chosen[0] if chosen else "", "missing"
     )
@@ -175,10 +173,10 @@ DEFINITION = register(
             ScopeField(
                 "image_ids",
                 "int_list",
-                f"An explicit batch of up to {MAX_EXPLICIT_IDS} ids, regenerated",
+                f"An explicit batch of up to {MAX_BATCH_IDS} ids, regenerated",
                 label="Explicit ids",
                 flag="--ids",
-                max_items=MAX_EXPLICIT_IDS,
+                max_items=MAX_BATCH_IDS,
             ),
         ),
         normalize_scope=normalize_scope,

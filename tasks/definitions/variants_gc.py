@@ -78,6 +78,7 @@ from tasks.registry import (
     reject_unknown_keys,
     scope_bool,
 )
+from tasks.text import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -526,7 +527,7 @@ def preview_details(scope: dict) -> dict[str, Any]:
     objects = superseded["objects"] + deleted["objects"] + orphans["objects"]
     nbytes = superseded["bytes"] + deleted["bytes"] + orphans["bytes"]
     summary = (
-        f"to reclaim: {objects} objects, {_fmt_bytes(nbytes)} (superseded sets: {superseded['sets']}, "
+        f"to reclaim: {objects} objects, {format_bytes(nbytes)} (superseded sets: {superseded['sets']}, "
         f"deleted photos: {deleted['images']}, orphans: {orphans['objects']}"
         + ("" if counted else f" or more: {note}")
         + f"; grace {settings.PICSITE_VARIANT_GC_GRACE_DAYS:g} days)"
@@ -624,14 +625,6 @@ def _orphans_among(chunk: list[tuple[str, StoredObject]], store: VariantStore, c
             named[digest] = keys
         if image is None or obj.key not in named[digest]:
             yield obj
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 DEFINITION = register(
