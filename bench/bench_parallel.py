@@ -96,12 +96,15 @@ def prepare_corpus(copies: int = DEFAULT_COPIES) -> int:
 
 
 def reset_variants(media_root: Path) -> None:
-    from gallery.models import Image
+    """Every image back to no variants: no serving set (an image whose serving set is current
+    and complete is skipped, so the phases after the first would measure skips), no mirrors."""
+    from gallery.models import Image, VariantSet
 
     Image.objects.update(
-        variants_ready=False, ready_max_width=0, variants_recipe="", variants_bytes=0, variants_error="",
-        processing_token="", processing_until=None,
+        serving_set=None, variants_ready=False, ready_max_width=0, variants_recipe="", variants_bytes=0,
+        variants_error="", processing_token="", processing_until=None,
     )
+    VariantSet.objects.all().delete()
     shutil.rmtree(media_root / "v", ignore_errors=True)
 
 
@@ -158,6 +161,8 @@ def measure_once(workers: int, media_root: Path) -> dict:
     run = AdminTaskRun.objects.get(pk=run.pk)
     if run.status != "succeeded":
         raise RuntimeError(f"run {run.pk} ended {run.status}: {run.last_error}")
+    if run.succeeded != run.total:  # a skip or failure would time something else than generation
+        raise RuntimeError(f"run {run.pk}: {run.succeeded} of {run.total} generated ({run.skipped} skipped, {run.failed} failed)")
     seconds = max(r["end"] for r in reports) - go
     result = {
         "workers": workers,
