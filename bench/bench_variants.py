@@ -26,9 +26,11 @@ exact LANCZOS downscale of the full-resolution, upright, sRGB original, averaged
 and formats. The corpus is read in place: ../shared/corpus beside the repo, or
 $PICSITE_CORPUS. --avif-speed/--webp-method/... override the recipe for both contenders.
 
-Measured on the 2-core dev box (shared, load ~2-3), default recipe (AVIF q55 speed 9, WebP q75
-method 2), 18 photos: pipeline/naive time 0.22, quality delta 0.0032, bytes 1.072x, peak RSS
-286 MB (naive 333 MB, both on the 3024x4032 portrait). Cascaded tiers cost 0.0011 SSIM.
+Measured on the 2-core dev box (shared, load 4.1-4.7), default recipe (AVIF q55 speed 9, WebP
+q75 method 2, two threads), 18 photos: pipeline/naive time 0.18, pipeline/floor CPU 1.40 (wall
+1.02 in that run, 1.4-1.6 in others: read the CPU figure on a shared machine), quality delta
+0.0037, bytes 1.071x, peak RSS 497 MB (296 MB on one thread; both on the 3024x4032 portrait).
+Cascaded tiers cost 0.0011 SSIM. docs/encoder-settings.md says where the time goes.
 """
 
 from __future__ import annotations
