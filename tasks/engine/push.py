@@ -1,0 +1,244 @@
+"""Push-driven work (a push service such as QStash delivers one item per request): the same
+claims, processor, checkpoint, ledger and finish as a worker's kick, one item at a time.
+
+In-flight state is the engine's own batch table: publishing an item *claims* it into a
+one-item ``AdminTaskBatch`` whose lease owner is ``push:<generation>`` and whose lease is the
+in-flight timeout. So the run's cursor moves at publish (no item is published twice), live
+counters and ``held_items`` see it, ``settle`` never finishes a run with messages in flight,
+and a message lost in flight shows up as an expired push batch, which the next window
+republishes under a new generation. The delivery takes the batch over under its own lease
+(any generation may: the first to come wins, later copies find no batch and are
+duplicates), then works it exactly as ``runner.work_batch`` works any batch.
+
+Retries stay in the ledger: a retryable failure is recorded (``AdminTaskItem``, retrying,
+``next_attempt_at``); the driver publishes its next attempt for that time, and a due retry
+whose message was lost is claimed by the next window like a fresh item.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from tasks import selectors
+from tasks.engine.claims import Claim, held_items, keyset_order, take_run_lease
+from tasks.engine.common import definition, get_run, lease_seconds, lock_run
+from tasks.engine.counters import budget_exhausted, budget_figures, live_counters, run_item_cost
+from tasks.engine.finishes import finishes_process
+from tasks.engine.lifecycle import fail_run, pause, settle
+from tasks.engine.runner import ItemRunner, work_batch
+from tasks.engine.worker import Heartbeat, worker_owner
+from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunKind, RunStatus
+from tasks.registry import RunFatal, TaskUnavailable
+
+logger = logging.getLogger(__name__)
+
+PUSH_OWNER_PREFIX = "push:"
+
+
+@dataclass(frozen=True)
+class PushItem:
+    """One item to publish: its run, id, attempts so far, the publish generation (part of
+    the deduplication id, so a deliberate republish is not swallowed) and when to deliver."""
+
+    run_id: int
+    item_id: int
+    attempts: int
+    generation: str
+    not_before: datetime | None = None
+
+    @property
+    def deduplication_id(self) -> str:
+        return f"run-{self.run_id}-item-{self.item_id}-attempt-{self.attempts}-gen-{self.generation}"
+
+
+@dataclass(frozen=True)
+class ItemDelivery:
+    """What one delivery did: ``processed`` (and the item's state after it), ``duplicate``
+    (already done or held by another delivery), or ``not_runnable``; ``retry`` is the next
+    attempt to publish when the item failed and will be tried again."""
+
+    outcome: str
+    run_status: str
+    state: str | None = None
+    retry: PushItem | None = None
+
+
+def _generation() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def _push_owner(generation: str) -> str:
+    return f"{PUSH_OWNER_PREFIX}{generation}"
+
+
+def run_window_claim(*, run_id: int, window: int, inflight_timeout_s: float) -> list[PushItem]:
+    """Claim what to publish for the run so that at most ``window`` items are in flight:
+    push batches whose lease ran out (lost messages, or handed back by a pause), due
+    retries, then fresh ids after the cursor. Each gets a one-item batch under a push lease."""
+    run = get_run(run_id)
+    defn = definition(run.task_key)
+    now = timezone.now()
+    expires = now + timedelta(seconds=inflight_timeout_s)
+    claimed: list[PushItem] = []
+    with transaction.atomic():
+        lock_run(defn, run_id)  # waits: a window must not be skipped because a checkpoint was busy
+        run = AdminTaskRun.objects.get(pk=run_id)
+        if run.status not in RunStatus.runnable():
+            return []
+        try:
+            defn.check_available()
+        except TaskUnavailable:
+            return []  # the first delivery fails the run (RunFatal), as a worker's claim does
+        per = run_item_cost(run)
+        reason = budget_exhausted(run, per["seconds"], per["bytes"], per["writes"])
+        if reason:
+            pause(run, "budget", detail=budget_figures(run, reason, per))
+            return []
+        room = window - AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=now).count()
+        # 1. Lost or handed back: expired batches with one item left (a worker's longer
+        #    batch is adopted by the next kick, as it always was).
+        for batch in AdminTaskBatch.objects.select_for_update(skip_locked=True).filter(run=run, lease_expires_at__lte=now).order_by("id")[: max(room, 0) * 4]:
+            if room <= 0:
+                break
+            if len(batch.item_ids) - batch.position != 1:
+                continue
+            gen = _generation()
+            batch.lease_owner, batch.lease_expires_at = _push_owner(gen), expires
+            batch.save(update_fields=["lease_owner", "lease_expires_at"])
+            item_id = batch.item_ids[batch.position]
+            claimed.append(PushItem(run_id, item_id, _attempts(run_id, item_id), gen))
+            room -= 1
+        if room <= 0:
+            return claimed
+        if "items" in (run.budget or {}):
+            room = min(room, run.budget["items"] - live_counters(run)["spent_items"] - held_items(run_id))
+        # 2. Due retries whose own message was lost.
+        retry_ids = selectors.run_due_retry_ids(run_id=run_id, now=now, limit=max(room, 0)) if room > 0 else []
+        if retry_ids:
+            AdminTaskItem.objects.filter(run_id=run_id, item_id__in=retry_ids).update(claimed=True)
+            claimed += _push_batches(run, retry_ids, is_retry=True, expires=expires)
+            room -= len(retry_ids)
+        # 3. Fresh ids after the cursor (keyset), as claim_batch takes them.
+        if room > 0:
+            ids = list(selectors.run_unclaimed_items(run=run).order_by(keyset_order(run)).values_list("pk", flat=True)[:room])
+            if ids:
+                claimed += _push_batches(run, ids, is_retry=False, expires=expires)
+                run.cursor = ids[-1]
+                take_run_lease(run, _push_owner("window"), expires, save_cursor=True)
+    return claimed
+
+
+def _attempts(run_id: int, item_id: int) -> int:
+    return AdminTaskItem.objects.filter(run_id=run_id, item_id=item_id).values_list("attempts", flat=True).first() or 0
+
+
+def _push_batches(run: AdminTaskRun, ids: list[int], *, is_retry: bool, expires: datetime) -> list[PushItem]:
+    attempts = dict(AdminTaskItem.objects.filter(run=run, item_id__in=ids).values_list("item_id", "attempts"))
+    gens = [_generation() for _ in ids]
+    AdminTaskBatch.objects.bulk_create(
+        AdminTaskBatch(run=run, item_ids=[item_id], is_retry=is_retry, lease_owner=_push_owner(gen), lease_expires_at=expires)
+        for item_id, gen in zip(ids, gens, strict=True)
+    )
+    return [PushItem(run.pk, item_id, attempts.get(item_id, 0), gen) for item_id, gen in zip(ids, gens, strict=True)]
+
+
+def push_batches_release(*, run_id: int, items: list[PushItem]) -> None:
+    """Hand published batches back at once (their publish failed): the next window
+    republishes them instead of waiting for the in-flight timeout."""
+    owners = [_push_owner(item.generation) for item in items]
+    AdminTaskBatch.objects.filter(run_id=run_id, lease_owner__in=owners).update(
+        lease_expires_at=timezone.now() - timedelta(seconds=1)
+    )
+
+
+def run_item_process(*, run_id: int, item_id: int) -> ItemDelivery:
+    """Process exactly this item of the run, as one delivery of a push service: take its
+    batch (or its due retry), run the processor, checkpoint into the run's counters (the
+    ledger on failure), settle and finish the run when it was the last item.
+
+    Harmless to call twice: a copy finds the item done or held and returns ``duplicate``.
+    """
+    run = get_run(run_id)
+    defn = definition(run.task_key)
+    owner = worker_owner()
+    lease = lease_seconds(defn)
+    try:
+        claim = _item_claim(run_id, item_id, owner, lease)
+    except RunFatal as exc:
+        fail_run(run_id, defn, str(exc))
+        claim = "not_runnable"
+    if isinstance(claim, str):
+        settle(run_id, defn)
+        finishes_process(run_id=run_id)
+        return ItemDelivery(outcome=claim, run_status=get_run(run_id).status)
+    heartbeat = Heartbeat(owner, lease)
+    worker = ItemRunner()
+    try:
+        work_batch(run_id, defn, owner, claim, None, worker, run.scope)
+    except RunFatal as exc:
+        fail_run(run_id, defn, str(exc))
+    finally:
+        heartbeat.stop()
+        worker.close()
+    settle(run_id, defn)
+    finishes_process(run_id=run_id)
+    row = AdminTaskItem.objects.filter(run_id=run_id, item_id=item_id).first()
+    run = get_run(run_id)
+    retry = None
+    if row is not None and row.state == ItemState.RETRYING and not row.claimed and run.status in RunStatus.runnable():
+        retry = PushItem(run_id, item_id, row.attempts, _generation(), not_before=row.next_attempt_at)
+    return ItemDelivery(outcome="processed", run_status=run.status, state=row.state if row else None, retry=retry)
+
+
+def _item_claim(run_id: int, item_id: int, owner: str, lease: float) -> Claim | str:
+    """The item's one-item claim for this delivery, or why there is none."""
+    defn = definition(get_run(run_id).task_key)
+    now = timezone.now()
+    with transaction.atomic():
+        lock_run(defn, run_id)
+        run = AdminTaskRun.objects.get(pk=run_id)
+        batch = (
+            AdminTaskBatch.objects.select_for_update()
+            .filter(run=run, item_ids=[item_id], position=0)
+            .order_by("id")
+            .first()
+        )
+        if run.status not in RunStatus.runnable():
+            if batch is not None and batch.lease_owner.startswith(PUSH_OWNER_PREFIX):
+                # Hand it back: a cancelling run settles once nothing is held; a paused one
+                # republishes it when it resumes.
+                batch.lease_owner, batch.lease_expires_at = "", now - timedelta(seconds=1)
+                batch.save(update_fields=["lease_owner", "lease_expires_at"])
+            return "duplicate" if batch is None and run.status in RunStatus.finished() else "not_runnable"
+        try:
+            defn.check_available()
+        except TaskUnavailable as exc:
+            raise RunFatal(str(exc)) from exc
+        defn.preflight()
+        if batch is not None:
+            if not batch.lease_owner.startswith(PUSH_OWNER_PREFIX) and batch.lease_expires_at > now:
+                return "duplicate"  # another delivery of this item is working on it now
+            is_retry = batch.is_retry
+        else:
+            ledger = AdminTaskItem.objects.filter(run=run, item_id=item_id, state=ItemState.RETRYING, claimed=False)
+            if not ledger.update(claimed=True):
+                return "duplicate"  # done already (or never published: nothing to do)
+            batch = AdminTaskBatch(run=run, item_ids=[item_id], is_retry=True)
+            is_retry = True
+        batch.lease_owner, batch.lease_expires_at = owner, now + timedelta(seconds=lease)
+        batch.save()
+        take_run_lease(run, owner, batch.lease_expires_at)
+        return Claim(
+            batch.pk, [item_id], 0, is_retry, budgeted=bool(run.budget), per_item=run.kind == RunKind.BATCH
+        )
+
+
+def runs_with_push_work(*, task_key: str) -> list[AdminTaskRun]:
+    """Runnable runs of the task (batch runs first), for the push tick to top up."""
+    return selectors.runs_to_kick(task_key=task_key)
