@@ -41,7 +41,10 @@ def qstash_client() -> QStash:
     key = (settings.QSTASH_TOKEN, settings.QSTASH_URL)
     with _clients_lock:
         if key not in _clients:
-            _clients[key] = QStash(settings.QSTASH_TOKEN, base_url=settings.QSTASH_URL or None)
+            # Two quick retries: a publish runs inside a request (an upload, a delivery), and
+            # whatever is not published is picked up by the tick anyway.
+            retry = {"retries": 2, "backoff": lambda attempt: 100 * 2**attempt}
+            _clients[key] = QStash(settings.QSTASH_TOKEN, base_url=settings.QSTASH_URL or None, retry=retry)
         return _clients[key]
 
 

@@ -3,8 +3,8 @@
 
 - ``push_run_start``: after a run is created, resumed or retried, publish its first window;
 - ``push_item_deliver``: one delivery (``POST <task prefix>/runs/<id>/items/<item_id>``)
-  processes its item, publishes the item's next attempt at ``next_attempt_at`` when it
-  failed and will be retried, and tops the run's window up;
+  processes its item and tops the run's window up (which publishes a failed item's next
+  attempt for its ``next_attempt_at``);
 - ``push_tick``: the scheduled tick (QStash schedule or Vercel Cron): resume runs paused for
   a passing reason, start the idle run if configured, republish what was lost in flight and
   top every window up, run due finish hooks.
@@ -47,7 +47,7 @@ def _publish(run: AdminTaskRun, items: list[engine.PushItem]) -> int:
     except Exception:
         # Handed back at once: the next window (a delivery or the tick) republishes them.
         logger.exception("publishing %s items of run %s to QStash failed", len(items), run.pk)
-        engine.push_batches_release(run_id=run.pk, items=[i for i in items if i.not_before is None])
+        engine.push_batches_release(run_id=run.pk, items=items)
         return 0
 
 
@@ -78,9 +78,8 @@ def push_item_deliver(*, run_id: int, item_id: int) -> engine.ItemDelivery:
     if not dispatch_is_qstash():
         return delivery  # an operator's manual delivery on a worker site: workers do the rest
     run = selectors.run_get(run_id=run_id)
-    if delivery.retry is not None:
-        _publish(run, [delivery.retry])  # lost? the window claims it once due
     if run.status in RunStatus.runnable():
+        # Tops the window up: fresh items, and this item's next attempt if it failed.
         try:
             run_window_publish(run_id=run_id)
         except Exception:  # the item is recorded: never make QStash redeliver it for this

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import timedelta
 
 import pytest
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from gallery.models import Image
 from tasks import engine, registry
@@ -35,8 +37,8 @@ def qstash_settings(settings):
     settings.QSTASH_CURRENT_SIGNING_KEY = KEY
     settings.QSTASH_NEXT_SIGNING_KEY = "sig_" + "n" * 32
     settings.PICSITE_PUBLIC_URL = PUBLIC
-    settings.PICSITE_ITEM_RETRY_BASE_S = 0.01
-    settings.PICSITE_ITEM_RETRY_CAP_S = 0.02
+    settings.PICSITE_ITEM_RETRY_BASE_S = 0.5  # equal jitter: 0.25-0.5 s
+    settings.PICSITE_ITEM_RETRY_CAP_S = 0.5
 
 
 def item_path(defn, run_id: int, item_id: int) -> str:
@@ -72,8 +74,10 @@ def test_every_item_once_counters_exact_and_one_finish_with_duplicates_and_a_ret
             if body["retry_at"] is not None:
                 assert body["state"] == "retrying"
                 retried += 1
-                time.sleep(0.05)
-                again = deliver(BATCH_DEFINITION, (run.pk, item.item_id))  # the republished attempt
+                early = deliver(BATCH_DEFINITION, (run.pk, item.item_id))  # a copy, in the backoff
+                assert early.json()["outcome"] == "duplicate"
+                time.sleep(0.6)
+                again = deliver(BATCH_DEFINITION, (run.pk, item.item_id))  # the next attempt, once due
                 assert again.json()["outcome"] == "processed"
             copy = deliver(BATCH_DEFINITION, item)  # QStash delivered it twice
             assert copy.status_code == 200 and copy.json()["outcome"] == "duplicate"
@@ -125,7 +129,9 @@ def test_a_failure_out_of_attempts_is_ledgered_and_answered_2xx(settings):
     (item,) = window(run.pk)
     first = deliver(DEFINITION, item).json()
     assert first["outcome"] == "processed" and first["state"] == "retrying" and first["retry_at"]
-    time.sleep(0.05)
+    (retry,) = window(run.pk)  # the next attempt is published for its time
+    assert retry.item_id == bad.pk and retry.attempts == 1 and retry.not_before is not None
+    time.sleep(0.6)
     second = deliver(DEFINITION, (run.pk, bad.pk)).json()
     assert second["outcome"] == "processed" and second["state"] == "failed" and second["retry_at"] is None
     run.refresh_from_db()
@@ -154,3 +160,52 @@ def test_the_item_route_refuses_unsigned_and_unknown_runs():
     assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "run_not_found"
     other_task = deliver(BATCH_DEFINITION, item)  # the run is not a run of that task
     assert other_task.status_code == 404
+
+
+# --- the tick and the publisher, against the QStash stand-in (no deliveries: records only) ---
+
+
+def test_the_tick_tops_windows_up_and_republishes_what_was_lost(settings):
+    from tests.qstash_server import QStashStandIn
+
+    settings.CRON_SECRET = "cron-" + "s" * 20
+    settings.PICSITE_DISPATCH = "qstash"
+    settings.QSTASH_TOKEN = "tok"
+    settings.PICSITE_QSTASH_WINDOW = 3
+    make_images(5)
+    run = engine.create(task_key=DEFINITION.key, scope={})
+    tick = reverse(registry.api_url_name(DEFINITION, "tick"))
+    with QStashStandIn(token="tok", signing_key=KEY, concurrency=0) as qstash:
+        settings.QSTASH_URL = qstash.base_url
+        response = Client().get(tick, headers={"Authorization": f"Bearer {settings.CRON_SECRET}"})
+        assert response.status_code == 200 and response.json()["run"]["id"] == run.pk
+        assert len(qstash.published) == 3 and qstash.batch_calls == [3]
+        first = {m.url: m for m in qstash.published}
+        assert all(m.flow_key == f"picsite-run-{run.pk}" and m.parallelism == settings.PICSITE_QSTASH_PARALLELISM
+                   for m in first.values())  # fmt: skip
+        # A second tick with all 3 in flight publishes nothing.
+        Client().get(tick, headers={"Authorization": f"Bearer {settings.CRON_SECRET}"})
+        assert len(qstash.published) == 3
+        # The in-flight timeout passes: the next tick republishes the same items, new generation.
+        AdminTaskBatch.objects.filter(run=run).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+        Client().get(tick, headers={"Authorization": f"Bearer {settings.CRON_SECRET}"})
+        again = qstash.published[3:]
+        assert {m.url for m in again} == set(first)
+        assert all(m.deduplication_id != first[m.url].deduplication_id for m in again)
+    run.refresh_from_db()
+    assert run.status == RunStatus.RUNNING and run.processed == 0
+
+
+def test_a_failed_publish_hands_the_window_back_for_the_next_one(settings):
+    settings.PICSITE_DISPATCH = "qstash"
+    settings.QSTASH_TOKEN = "tok"
+    settings.QSTASH_URL = "http://127.0.0.1:9"  # nothing listens: the SDK's publish fails
+    make_images(2)
+    run = engine.create(task_key=DEFINITION.key, scope={})
+    from tasks.push import run_window_publish
+
+    assert run_window_publish(run_id=run.pk) == 0
+    assert not AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=timezone.now()).exists()
+    handed_back = {b.item_ids[0] for b in AdminTaskBatch.objects.filter(run=run)}
+    assert len(handed_back) == 2
+    assert {i.item_id for i in window(run.pk)} == handed_back  # republished at once, not after the timeout

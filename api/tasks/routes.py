@@ -176,7 +176,7 @@ def task_router(defn: TaskDefinition) -> Router:
         delivery = push_item_deliver(run_id=run_id, item_id=item_id)
         return s.ItemDeliveryResult(
             outcome=delivery.outcome, run_status=delivery.run_status, state=delivery.state,
-            retry_at=delivery.retry.not_before if delivery.retry else None,
+            retry_at=delivery.retry_at,
         )  # fmt: skip
 
     view, control = Requires(VIEW), Requires(CONTROL)

@@ -11,8 +11,10 @@ republishes under a new generation. The delivery takes the batch over under its 
 duplicates), then works it exactly as ``runner.work_batch`` works any batch.
 
 Retries stay in the ledger: a retryable failure is recorded (``AdminTaskItem``, retrying,
-``next_attempt_at``); the driver publishes its next attempt for that time, and a due retry
-whose message was lost is claimed by the next window like a fresh item.
+``next_attempt_at``). Windows take retries as items too: due ones first, then fresh ids,
+then retries still in their backoff, published with QStash's not-before at
+``next_attempt_at`` (their batch's lease runs from then). So a retry is published once,
+and "never more than N in flight" counts every published, unchecked item.
 """
 
 from __future__ import annotations
@@ -60,13 +62,13 @@ class PushItem:
 @dataclass(frozen=True)
 class ItemDelivery:
     """What one delivery did: ``processed`` (and the item's state after it), ``duplicate``
-    (already done or held by another delivery), or ``not_runnable``; ``retry`` is the next
-    attempt to publish when the item failed and will be tried again."""
+    (already done or held by another delivery), or ``not_runnable``; ``retry_at`` is when the
+    item, failed, will be tried again (a window publishes that attempt for that time)."""
 
     outcome: str
     run_status: str
     state: str | None = None
-    retry: PushItem | None = None
+    retry_at: datetime | None = None
 
 
 def _generation() -> str:
@@ -78,9 +80,10 @@ def _push_owner(generation: str) -> str:
 
 
 def run_window_claim(*, run_id: int, window: int, inflight_timeout_s: float) -> list[PushItem]:
-    """Claim what to publish for the run so that at most ``window`` items are in flight:
-    push batches whose lease ran out (lost messages, or handed back by a pause), due
-    retries, then fresh ids after the cursor. Each gets a one-item batch under a push lease."""
+    """Claim what to publish for the run so that at most ``window`` items are in flight
+    (published and not yet checkpointed): push batches whose lease ran out (lost messages, or
+    handed back by a pause), due retries, fresh ids after the cursor, then retries still in
+    their backoff (``not_before``). Each gets a one-item batch under a push lease."""
     run = get_run(run_id)
     defn = definition(run.task_key)
     now = timezone.now()
@@ -118,12 +121,11 @@ def run_window_claim(*, run_id: int, window: int, inflight_timeout_s: float) -> 
             return claimed
         if "items" in (run.budget or {}):
             room = min(room, run.budget["items"] - live_counters(run)["spent_items"] - held_items(run_id))
-        # 2. Due retries whose own message was lost.
-        retry_ids = selectors.run_due_retry_ids(run_id=run_id, now=now, limit=max(room, 0)) if room > 0 else []
-        if retry_ids:
-            AdminTaskItem.objects.filter(run_id=run_id, item_id__in=retry_ids).update(claimed=True)
-            claimed += _push_batches(run, retry_ids, is_retry=True, expires=expires)
-            room -= len(retry_ids)
+        # 2. Retries that are due (a failure's next attempt, or re-armed by "retry failed").
+        if room > 0:
+            due_ids = selectors.run_due_retry_ids(run_id=run_id, now=now, limit=room)
+            claimed += _push_retries(run, due_ids, now=now, timeout=inflight_timeout_s)
+            room -= len(due_ids)
         # 3. Fresh ids after the cursor (keyset), as claim_batch takes them.
         if room > 0:
             ids = list(selectors.run_unclaimed_items(run=run).order_by(keyset_order(run)).values_list("pk", flat=True)[:room])
@@ -131,7 +133,35 @@ def run_window_claim(*, run_id: int, window: int, inflight_timeout_s: float) -> 
                 claimed += _push_batches(run, ids, is_retry=False, expires=expires)
                 run.cursor = ids[-1]
                 take_run_lease(run, _push_owner("window"), expires, save_cursor=True)
+                room -= len(ids)
+        # 4. Retries still in their backoff: published now, delivered at next_attempt_at.
+        if room > 0:
+            waiting = list(
+                AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING, claimed=False)
+                .order_by("next_attempt_at", "item_id")
+                .values_list("item_id", flat=True)[:room]
+            )
+            claimed += _push_retries(run, waiting, now=now, timeout=inflight_timeout_s)
     return claimed
+
+
+def _push_retries(run: AdminTaskRun, ids: list[int], *, now: datetime, timeout: float) -> list[PushItem]:
+    """Claim these retries (ledger rows: claimed) into push batches, each delivered at its
+    next_attempt_at and in flight from then for ``timeout``."""
+    if not ids:
+        return []
+    rows = {r.item_id: r for r in AdminTaskItem.objects.filter(run=run, item_id__in=ids)}
+    AdminTaskItem.objects.filter(run=run, item_id__in=ids).update(claimed=True)
+    items = []
+    for item_id in ids:
+        row, gen = rows[item_id], _generation()
+        due = max(row.next_attempt_at or now, now)
+        AdminTaskBatch.objects.create(
+            run=run, item_ids=[item_id], is_retry=True, lease_owner=_push_owner(gen),
+            lease_expires_at=due + timedelta(seconds=timeout),
+        )  # fmt: skip
+        items.append(PushItem(run.pk, item_id, row.attempts, gen, not_before=due if due > now else None))
+    return items
 
 
 def _attempts(run_id: int, item_id: int) -> int:
@@ -189,11 +219,10 @@ def run_item_process(*, run_id: int, item_id: int) -> ItemDelivery:
     settle(run_id, defn)
     finishes_process(run_id=run_id)
     row = AdminTaskItem.objects.filter(run_id=run_id, item_id=item_id).first()
-    run = get_run(run_id)
-    retry = None
-    if row is not None and row.state == ItemState.RETRYING and not row.claimed and run.status in RunStatus.runnable():
-        retry = PushItem(run_id, item_id, row.attempts, _generation(), not_before=row.next_attempt_at)
-    return ItemDelivery(outcome="processed", run_status=run.status, state=row.state if row else None, retry=retry)
+    retry_at = row.next_attempt_at if row is not None and row.state == ItemState.RETRYING else None
+    return ItemDelivery(
+        outcome="processed", run_status=get_run(run_id).status, state=row.state if row else None, retry_at=retry_at
+    )
 
 
 def _item_claim(run_id: int, item_id: int, owner: str, lease: float) -> Claim | str:
@@ -226,9 +255,13 @@ def _item_claim(run_id: int, item_id: int, owner: str, lease: float) -> Claim | 
                 return "duplicate"  # another delivery of this item is working on it now
             is_retry = batch.is_retry
         else:
-            ledger = AdminTaskItem.objects.filter(run=run, item_id=item_id, state=ItemState.RETRYING, claimed=False)
+            # No batch: a stray copy. It may take a retry that is due (its message is late or
+            # lost), never one still in its backoff.
+            ledger = AdminTaskItem.objects.filter(
+                run=run, item_id=item_id, state=ItemState.RETRYING, claimed=False, next_attempt_at__lte=now
+            )
             if not ledger.update(claimed=True):
-                return "duplicate"  # done already (or never published: nothing to do)
+                return "duplicate"  # done already, in its backoff, or never published
             batch = AdminTaskBatch(run=run, item_ids=[item_id], is_retry=True)
             is_retry = True
         batch.lease_owner, batch.lease_expires_at = owner, now + timedelta(seconds=lease)
