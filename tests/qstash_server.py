@@ -92,6 +92,7 @@ class QStashStandIn:
         duplicate_every: int = 0,
         backoff_s: float = 0.2,
         delivery_timeout_s: float = 120.0,
+        port: int = 0,
     ):
         self.token, self.signing_key = token, signing_key
         self.concurrency, self.duplicate_every = concurrency, duplicate_every
@@ -108,7 +109,7 @@ class QStashStandIn:
         self._stopping = False
         self._pending = 0  # messages (and copies) not yet delivered for good
         self._threads: list[threading.Thread] = []
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._http = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self._http.daemon_threads = True
         self.base_url = f"http://127.0.0.1:{self._http.server_address[1]}"
 
@@ -288,3 +289,35 @@ def _seconds(text: str) -> float:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     text = text.strip()
     return float(text[:-1]) * units[text[-1]] if text[-1:] in units else float(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the stand-in on its own (a local demo of PICSITE_DISPATCH=qstash)::
+
+        python -m tests.qstash_server --port 8089 --token dev-token --key sig_dev_current_key
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(description="QStash stand-in on loopback (tests and demos only).")
+    parser.add_argument("--port", type=int, default=8089)
+    parser.add_argument("--token", required=True, help="the QSTASH_TOKEN the site publishes with")
+    parser.add_argument("--key", required=True, help="the signing key (the site's QSTASH_CURRENT_SIGNING_KEY)")
+    parser.add_argument("--concurrency", type=int, default=8)
+    args = parser.parse_args(argv)
+    server = QStashStandIn(token=args.token, signing_key=args.key, concurrency=args.concurrency, port=args.port)
+    print(f"QStash stand-in on {server.base_url} ({args.concurrency} deliveries at once); Ctrl-C stops it", flush=True)
+    with server:
+        seen = 0
+        try:
+            while True:
+                time.sleep(0.5)
+                for d in server.deliveries[seen:]:
+                    print(f"delivered {d.message_id[:16]} -> {d.url} : {d.status} {d.body[:120].decode(errors='replace')}", flush=True)
+                seen = len(server.deliveries)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
