@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -32,6 +33,7 @@ import _common  # noqa: E402  (puts the repo on sys.path)
 import bench_parallel  # noqa: E402
 
 TOKEN, KEY = "bench-qstash-token", "sig_" + "b" * 32
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per delivery otherwise
 CONCURRENCY = 8
 WINDOW = 16
 

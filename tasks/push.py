@@ -84,6 +84,8 @@ def push_item_deliver(*, run_id: int, item_id: int) -> engine.ItemDelivery:
             run_window_publish(run_id=run_id)
         except Exception:  # the item is recorded: never make QStash redeliver it for this
             logger.exception("could not top up the window of run %s", run_id)
+        if selectors.run_status(run_id=run_id) in RunStatus.finished():
+            engine.finishes_process(run_id=run_id)  # the window ended it: its hooks, at once
     return delivery
 
 

@@ -209,3 +209,40 @@ def test_a_failed_publish_hands_the_window_back_for_the_next_one(settings):
     handed_back = {b.item_ids[0] for b in AdminTaskBatch.objects.filter(run=run)}
     assert len(handed_back) == 2
     assert {i.item_id for i in window(run.pk)} == handed_back  # republished at once, not after the timeout
+
+
+def test_a_window_with_nothing_left_ends_the_run_when_the_delivery_could_not(monkeypatch):
+    """A delivery's settle gives up when the run's lock is busy (``settle`` is a try-lock):
+    then the window that runs after it, which waits for the lock, ends the run."""
+    import tasks.engine.push as push
+
+    make_images(1)
+    run = engine.create(task_key=DEFINITION.key, scope={})
+    (item,) = window(run.pk)
+    monkeypatch.setattr(push, "settle", lambda run_id, defn: None)  # as if the lock stayed taken
+    assert deliver(DEFINITION, item).json()["outcome"] == "processed"
+    run.refresh_from_db()
+    assert run.status == RunStatus.RUNNING and run.processed == 1
+    assert window(run.pk) == []
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED
+    assert AdminTaskRunFinish.objects.filter(run=run).count() == 1
+
+
+def test_the_variants_route_takes_only_qstash_or_uploaders():
+    (image,) = make_images(1)
+    path = reverse("api-image-variants", kwargs={"image_id": image.pk})
+    body = b'{"attempt": 1}'
+    unsigned = Client().post(path, data=body, content_type="application/json")
+    assert unsigned.status_code == 401 and unsigned.json()["error"]["code"] == "not_authenticated"
+    wrong_key = mint_signature("sig_" + "w" * 32, url=PUBLIC + path, body=body)
+    bad = Client().post(path, data=body, content_type="application/json", headers={"Upstash-Signature": wrong_key})
+    assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_signature"
+    missing = reverse("api-image-variants", kwargs={"image_id": image.pk + 1000})
+    gone = Client().post(missing, data=body, content_type="application/json",
+                         headers={"Upstash-Signature": mint_signature(KEY, url=PUBLIC + missing, body=body)})  # fmt: skip
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "image_not_found"
+    junk = b'{"attempt": "many"}'
+    refused = Client().post(path, data=junk, content_type="application/json",
+                            headers={"Upstash-Signature": mint_signature(KEY, url=PUBLIC + path, body=junk)})  # fmt: skip
+    assert refused.status_code == 400

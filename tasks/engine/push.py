@@ -32,11 +32,11 @@ from tasks.engine.claims import Claim, held_items, keyset_order, take_run_lease
 from tasks.engine.common import definition, get_run, lease_seconds, lock_run
 from tasks.engine.counters import budget_exhausted, budget_figures, live_counters, run_item_cost
 from tasks.engine.finishes import finishes_process
-from tasks.engine.lifecycle import fail_run, pause, settle
+from tasks.engine.lifecycle import fail_run, pause, settle, settle_locked
 from tasks.engine.runner import ItemRunner, work_batch
 from tasks.engine.worker import Heartbeat, worker_owner
 from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunKind, RunStatus
-from tasks.registry import RunFatal, TaskUnavailable
+from tasks.registry import RunFatal, TaskDefinition, TaskUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -88,60 +88,72 @@ def run_window_claim(*, run_id: int, window: int, inflight_timeout_s: float) -> 
     defn = definition(run.task_key)
     now = timezone.now()
     expires = now + timedelta(seconds=inflight_timeout_s)
-    claimed: list[PushItem] = []
     with transaction.atomic():
         lock_run(defn, run_id)  # waits: a window must not be skipped because a checkpoint was busy
         run = AdminTaskRun.objects.get(pk=run_id)
-        if run.status not in RunStatus.runnable():
-            return []
-        try:
-            defn.check_available()
-        except TaskUnavailable:
-            return []  # the first delivery fails the run (RunFatal), as a worker's claim does
-        per = run_item_cost(run)
-        reason = budget_exhausted(run, per["seconds"], per["bytes"], per["writes"])
-        if reason:
-            pause(run, "budget", detail=budget_figures(run, reason, per))
-            return []
-        room = window - AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=now).count()
-        # 1. Lost or handed back: expired batches with one item left (a worker's longer
-        #    batch is adopted by the next kick, as it always was).
-        for batch in AdminTaskBatch.objects.select_for_update(skip_locked=True).filter(run=run, lease_expires_at__lte=now).order_by("id")[: max(room, 0) * 4]:
-            if room <= 0:
-                break
-            if len(batch.item_ids) - batch.position != 1:
-                continue
-            gen = _generation()
-            batch.lease_owner, batch.lease_expires_at = _push_owner(gen), expires
-            batch.save(update_fields=["lease_owner", "lease_expires_at"])
-            item_id = batch.item_ids[batch.position]
-            claimed.append(PushItem(run_id, item_id, _attempts(run_id, item_id), gen))
-            room -= 1
+        claimed = _window_claim_locked(run, defn, window=window, now=now, expires=expires, timeout=inflight_timeout_s)
+        if not claimed:
+            # A delivery's own settle gives up when the lock is busy (say, with this window):
+            # whoever holds the lock last with nothing left to hand out ends the run.
+            settle_locked(run)
+    return claimed
+
+
+def _window_claim_locked(
+    run: AdminTaskRun, defn: TaskDefinition, *, window: int, now: datetime, expires: datetime, timeout: float
+) -> list[PushItem]:
+    run_id, inflight_timeout_s = run.pk, timeout
+    claimed: list[PushItem] = []
+    if run.status not in RunStatus.runnable():
+        return []
+    try:
+        defn.check_available()
+    except TaskUnavailable:
+        return []  # the first delivery fails the run (RunFatal), as a worker's claim does
+    per = run_item_cost(run)
+    reason = budget_exhausted(run, per["seconds"], per["bytes"], per["writes"])
+    if reason:
+        pause(run, "budget", detail=budget_figures(run, reason, per))
+        return []
+    room = window - AdminTaskBatch.objects.filter(run=run, lease_expires_at__gt=now).count()
+    # 1. Lost or handed back: expired batches with one item left (a worker's longer
+    #    batch is adopted by the next kick, as it always was).
+    for batch in AdminTaskBatch.objects.select_for_update(skip_locked=True).filter(run=run, lease_expires_at__lte=now).order_by("id")[: max(room, 0) * 4]:
         if room <= 0:
-            return claimed
-        if "items" in (run.budget or {}):
-            room = min(room, run.budget["items"] - live_counters(run)["spent_items"] - held_items(run_id))
-        # 2. Retries that are due (a failure's next attempt, or re-armed by "retry failed").
-        if room > 0:
-            due_ids = selectors.run_due_retry_ids(run_id=run_id, now=now, limit=room)
-            claimed += _push_retries(run, due_ids, now=now, timeout=inflight_timeout_s)
-            room -= len(due_ids)
-        # 3. Fresh ids after the cursor (keyset), as claim_batch takes them.
-        if room > 0:
-            ids = list(selectors.run_unclaimed_items(run=run).order_by(keyset_order(run)).values_list("pk", flat=True)[:room])
-            if ids:
-                claimed += _push_batches(run, ids, is_retry=False, expires=expires)
-                run.cursor = ids[-1]
-                take_run_lease(run, _push_owner("window"), expires, save_cursor=True)
-                room -= len(ids)
-        # 4. Retries still in their backoff: published now, delivered at next_attempt_at.
-        if room > 0:
-            waiting = list(
-                AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING, claimed=False)
-                .order_by("next_attempt_at", "item_id")
-                .values_list("item_id", flat=True)[:room]
-            )
-            claimed += _push_retries(run, waiting, now=now, timeout=inflight_timeout_s)
+            break
+        if len(batch.item_ids) - batch.position != 1:
+            continue
+        gen = _generation()
+        batch.lease_owner, batch.lease_expires_at = _push_owner(gen), expires
+        batch.save(update_fields=["lease_owner", "lease_expires_at"])
+        item_id = batch.item_ids[batch.position]
+        claimed.append(PushItem(run_id, item_id, _attempts(run_id, item_id), gen))
+        room -= 1
+    if room <= 0:
+        return claimed
+    if "items" in (run.budget or {}):
+        room = min(room, run.budget["items"] - live_counters(run)["spent_items"] - held_items(run_id))
+    # 2. Retries that are due (a failure's next attempt, or re-armed by "retry failed").
+    if room > 0:
+        due_ids = selectors.run_due_retry_ids(run_id=run_id, now=now, limit=room)
+        claimed += _push_retries(run, due_ids, now=now, timeout=inflight_timeout_s)
+        room -= len(due_ids)
+    # 3. Fresh ids after the cursor (keyset), as claim_batch takes them.
+    if room > 0:
+        ids = list(selectors.run_unclaimed_items(run=run).order_by(keyset_order(run)).values_list("pk", flat=True)[:room])
+        if ids:
+            claimed += _push_batches(run, ids, is_retry=False, expires=expires)
+            run.cursor = ids[-1]
+            take_run_lease(run, _push_owner("window"), expires, save_cursor=True)
+            room -= len(ids)
+    # 4. Retries still in their backoff: published now, delivered at next_attempt_at.
+    if room > 0:
+        waiting = list(
+            AdminTaskItem.objects.filter(run=run, state=ItemState.RETRYING, claimed=False)
+            .order_by("next_attempt_at", "item_id")
+            .values_list("item_id", flat=True)[:room]
+        )
+        claimed += _push_retries(run, waiting, now=now, timeout=inflight_timeout_s)
     return claimed
 
 
