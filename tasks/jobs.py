@@ -103,8 +103,12 @@ def _start_rescue_run(defn: registry.TaskDefinition) -> AdminTaskRun | None:
 
 
 def ensure_tick_schedule() -> None:
-    """Create (or fix) the django-q2 schedule that runs ``tick_all_job``."""
+    """Create (or fix) the django-q2 schedule that runs ``tick_all_job`` (not with
+    PICSITE_DISPATCH=qstash: nothing would run it; QStash or Vercel Cron call the tick)."""
     from django_q.models import Schedule
+
+    if dispatch_is_qstash():
+        return
 
     Schedule.objects.update_or_create(
         name="picsite-task-tick",
