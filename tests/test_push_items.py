@@ -246,3 +246,25 @@ def test_the_variants_route_takes_only_qstash_or_uploaders():
     refused = Client().post(path, data=junk, content_type="application/json",
                             headers={"Upstash-Signature": mint_signature(KEY, url=PUBLIC + path, body=junk)})  # fmt: skip
     assert refused.status_code == 400
+
+
+def test_a_late_copy_never_takes_a_published_retry_before_its_time(settings):
+    settings.PICSITE_ITEM_RETRY_BASE_S = settings.PICSITE_ITEM_RETRY_CAP_S = 120
+    (flaky,) = make_images(1, titles={0: "fail-once"})
+    run = engine.create(task_key=DEFINITION.key, scope={})
+    (item,) = window(run.pk)
+    assert deliver(DEFINITION, item).json()["state"] == "retrying"
+    (retry,) = window(run.pk)  # published now, for next_attempt_at (60-120 s away)
+    assert retry.not_before is not None
+    copy = deliver(DEFINITION, item)  # the first attempt's message, delivered again late
+    assert copy.json()["outcome"] == "duplicate"
+    flaky.refresh_from_db()
+    assert flaky.variants_attempts == 1
+    # Its time comes (QStash delivers it at not-before): the retry runs, once.
+    AdminTaskItem.objects.filter(run=run, item_id=flaky.pk).update(next_attempt_at=timezone.now())
+    assert deliver(DEFINITION, retry).json()["outcome"] == "processed"
+    assert deliver(DEFINITION, retry).json()["outcome"] == "duplicate"
+    run.refresh_from_db()
+    flaky.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED and (run.processed, run.succeeded) == (1, 1)
+    assert flaky.variants_attempts == 2

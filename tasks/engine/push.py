@@ -41,6 +41,8 @@ from tasks.registry import RunFatal, TaskDefinition, TaskUnavailable
 logger = logging.getLogger(__name__)
 
 PUSH_OWNER_PREFIX = "push:"
+# A retry delivered this early (QStash's clock ahead of ours) still counts as due.
+RETRY_CLOCK_TOLERANCE_S = 5
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,8 @@ def _item_claim(run_id: int, item_id: int, owner: str, lease: float) -> Claim | 
         if batch is not None:
             if not batch.lease_owner.startswith(PUSH_OWNER_PREFIX) and batch.lease_expires_at > now:
                 return "duplicate"  # another delivery of this item is working on it now
+            if batch.is_retry and _in_backoff(run, item_id, now):
+                return "duplicate"  # a late copy of the failed attempt's message: not yet
             is_retry = batch.is_retry
         else:
             # No batch: a stray copy. It may take a retry that is due (its message is late or
@@ -284,6 +288,8 @@ def _item_claim(run_id: int, item_id: int, owner: str, lease: float) -> Claim | 
         )
 
 
-def runs_with_push_work(*, task_key: str) -> list[AdminTaskRun]:
-    """Runnable runs of the task (batch runs first), for the push tick to top up."""
-    return selectors.runs_to_kick(task_key=task_key)
+def _in_backoff(run: AdminTaskRun, item_id: int, now: datetime) -> bool:
+    """The item's next attempt is not due yet (beyond the clock tolerance between QStash,
+    which delivers it at next_attempt_at, and this host)."""
+    due = AdminTaskItem.objects.filter(run=run, item_id=item_id).values_list("next_attempt_at", flat=True).first()
+    return due is not None and due > now + timedelta(seconds=RETRY_CLOCK_TOLERANCE_S)
