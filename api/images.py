@@ -19,9 +19,11 @@ from pydantic import BaseModel, Field
 from api.auth import Access
 from api.errors import ApiError
 from api.http import Requires
+from api.push_auth import PushSignedOr
 from api.schemas import MAX_BIGINT, IsoDateTime, from_object, responses
 from gallery import models
 from gallery.importer import IngestItem, IngestSource, ingest_uploads
+from gallery.jobs import generate_variants_job
 from gallery.selectors import VariantStores, image_variant_sets, variant_url
 from gallery.services import OriginalStorageError, variant_recipe_current
 
@@ -189,6 +191,31 @@ router.get(
 )(image_detail)
 # HEAD answers as GET does (without a body), as before; not a second documented operation.
 router.api_operation(["HEAD"], "/images/{int:image_id}", auth=Requires(VIEW), include_in_schema=False)(image_detail)
+
+
+class VariantsAttempt(BaseModel):
+    attempt: int = Field(1, ge=1, le=1000, description="Which attempt of the upload's variant job this is.")
+
+
+class VariantsJobResult(BaseModel):
+    outcome: str = Field(description="ready, partial, retrying (recorded; the next attempt is published), "
+                         "failed, gone, busy, storage_unavailable or storage_not_configured.")  # fmt: skip
+
+
+@router.post(
+    "/images/{int:image_id}/variants",
+    auth=PushSignedOr(UPLOAD),
+    url_name="api-image-variants",
+    operation_id="image_variants_generate",
+    summary="Generate a new upload's variants (its QStash message; the same claim as the upload job).",
+    **_responses(200, VariantsJobResult, 400, 404),
+)
+def image_variants_generate(request: HttpRequest, image_id: int, body: VariantsAttempt | None = None) -> VariantsJobResult:
+    if not (0 < image_id <= MAX_BIGINT) or not models.Image.objects.filter(pk=image_id).exists():
+        raise ApiError(status=404, code="image_not_found", message=f"No image with id {image_id}.")
+    # Failures are recorded on the image and their retry published or scheduled: 2xx. Only an
+    # exception (nothing recorded) is a 5xx, which QStash's own retry covers.
+    return VariantsJobResult(outcome=generate_variants_job(image_id, body.attempt if body else 1))
 
 
 def _set(image: models.Image, vset: models.VariantSet, stores: VariantStores) -> VariantSet:

@@ -1,5 +1,8 @@
-"""Auth of a push-driven route (``POST .../tick``): an HMAC-signed request (``api.push_sign``)
-is authority enough, so a cron job or a push service can drive the engine without a user."""
+"""Auth of a push-driven route (``.../tick``, ``.../runs/<id>/items/<item_id>``,
+``images/<id>/variants``): a request signed by QStash (``Upstash-Signature``,
+``api.qstash_sign``) or with our HMAC (``api.push_sign``) is authority enough, so a cron job
+or a push service can drive the engine without a user; so is Vercel Cron's ``GET`` with
+``Authorization: Bearer $CRON_SECRET`` on the tick."""
 
 from __future__ import annotations
 
@@ -7,12 +10,14 @@ from django.conf import settings
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.http import HttpRequest
 
-from api import push_sign
+from api import push_sign, qstash_sign
 from api.auth import Access, ApiAuthError, api_authorize
 from api.http import json_body_bytes
 from api.push_replay import push_signature_use_record
 
 PUSH_SIGNATURE = "push_signature"  # request.api_auth of a signed request
+QSTASH_SIGNATURE = "qstash_signature"  # ... of a request signed by QStash
+CRON_SECRET = "cron_secret"  # ... of Vercel Cron's GET
 
 
 def _signature_sent(request: HttpRequest) -> bool:
@@ -57,10 +62,25 @@ class PushSignedOr:
     caller still passes on its own credentials, else it gets a 401 saying what was wrong
     with the signature."""
 
-    def __init__(self, access: Access):
+    def __init__(self, access: Access, *, cron_get: bool = False):
         self.access = access
+        self.cron_get = cron_get  # GET is Vercel Cron's, with CRON_SECRET and nothing else
 
     def __call__(self, request: HttpRequest) -> AbstractBaseUser | str:
+        if self.cron_get and request.method == "GET":
+            # Before any token lookup: the cron secret is not an API token.
+            if qstash_sign.cron_secret_matches(request):
+                request.api_auth = CRON_SECRET
+                return CRON_SECRET
+            raise ApiAuthError(
+                status=401, code="not_authenticated", message="A GET tick needs Authorization: Bearer <CRON_SECRET>."
+            )
+        if qstash_sign.SIGNATURE_HEADER in request.headers:
+            problem = qstash_sign.qstash_signature_problem(request=request, body=json_body_bytes(request))
+            if problem is None:
+                request.api_auth = QSTASH_SIGNATURE
+                return QSTASH_SIGNATURE
+            raise ApiAuthError(status=401, code="invalid_signature", message=f"QStash signature refused: {problem}.")
         if not _signature_sent(request):
             return api_authorize(request, access=self.access)
         problem = push_signature_problem(request)

@@ -15,7 +15,8 @@ during a regeneration), bench_gc.py ("gc": the variants-gc task deleting 20,000 
 memory of a 100-photo batch), bench_quality.py ("quality": content-adaptive quality against
 fixed: bytes, SSIMULACRA2 and time per photo), bench_pages.py ("pages": the grid's
 server-side ms and, with Debian's wrk installed, requests/s of the production server command
-against a static file). A bench that crashes is reported and the rest still run. Exit
+against a static file), bench_push.py ("push": a backfill pushed through the QStash stand-in over
+two workers, and no-op items/s of the push path). A bench that crashes is reported and the rest still run. Exit
 status: 1 if a bench crashed, or with --strict if a target was missed; else 0.
 """
 
@@ -46,6 +47,7 @@ BENCHES: list[tuple[str, list[str]]] = [
     ("batch", ["bench_batch.py"]),
     ("quality", ["bench_quality.py"]),
     ("pages", ["bench_pages.py"]),
+    ("push", ["bench_push.py"]),
 ]
 
 # (results key, field, comparison, threshold, note); the peer goals are bench_peer.TARGETS.
@@ -74,6 +76,7 @@ TARGETS: list[tuple[str, str, str, object, str]] = [
     ("quality", "mean_score_delta", ">=", 0, "mean SSIMULACRA2 per photo, auto - fixed"),
     ("quality", "worst_photo_delta", ">=", -2, "lowest per-photo SSIMULACRA2 auto - fixed"),
     ("pages", "grid_ms_p50", "<=", 8, "grid view, 48 photos x 17 URLs, server side (ms)"),
+    ("push", "over_worker", ">=", 0.9, "backfill via QStash stand-in (8 deliveries) / 2 workers"),
 ]
 
 # Figures shown beside the targets, without a goal of their own.
@@ -83,6 +86,7 @@ INFO: list[tuple[str, str, str]] = [
     ("variants", "pipeline_cpu_over_floor_cpu", "CPU seconds: pipeline / floor"),
     ("variants", "pipeline_over_encode_only", "wall: pipeline / encodes alone (the old floor)"),
     ("variants", "pipeline_cpu_over_naive_cpu", "CPU seconds: pipeline / naive"),
+    ("push", "noop_items_per_s", "push path, no-op items/s (per-request overhead)"),
 ]
 
 OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}

@@ -22,6 +22,7 @@ from gallery.services import (
     ImageGone,
     VariantGenerationError,
     image_record_variant_failure,
+    image_variants_message,
     preprocess_image,
 )
 from gallery.storage import VariantStorageNotConfigured
@@ -90,9 +91,16 @@ def generate_variants_job(image_id: int, attempt: int = 1) -> str:
 def _schedule_retry(image_id: int, attempt: int, *, reason: str, count: bool = True, at=None) -> None:
     from django_q.models import Schedule
 
+    from dispatch import qstash
+
     next_attempt = attempt + 1 if count else attempt
     if next_attempt > settings.PICSITE_UPLOAD_MAX_ATTEMPTS:
         logger.warning("image %s gave up after %s attempts: %s", image_id, attempt, reason)
+        return
+    when = at or timezone.now() + timedelta(seconds=upload_retry_delay(attempt))
+    if qstash.dispatch_is_qstash():
+        # Raises if it cannot publish: the request answers 5xx and QStash redelivers it.
+        qstash.publish_messages([image_variants_message(image_id=image_id, attempt=next_attempt, not_before=when)])
         return
     Schedule.objects.create(
         name=f"variants-retry-{image_id}-{next_attempt}-{timezone.now().timestamp():.0f}",
@@ -100,7 +108,7 @@ def _schedule_retry(image_id: int, attempt: int, *, reason: str, count: bool = T
         args=f"{image_id},{next_attempt}",
         schedule_type=Schedule.ONCE,
         repeats=1,
-        next_run=at or timezone.now() + timedelta(seconds=upload_retry_delay(attempt)),
+        next_run=when,
     )
 
 

@@ -277,6 +277,25 @@ def _title_from_filename(filename: str) -> str:
     return stem.replace("_", " ").replace("-", " ").strip()[:255]
 
 
+UPLOADS_FLOW_CONTROL_KEY = "picsite-uploads"
+
+
+def image_variants_message(*, image_id: int, attempt: int, not_before=None):
+    """The QStash message of an upload's variant job (``POST /api/v1/images/<id>/variants``)."""
+    from django.urls import reverse
+
+    from dispatch.qstash import Message
+
+    return Message(
+        path=reverse("api-image-variants", kwargs={"image_id": image_id}),
+        body={"attempt": attempt},
+        # A new generation per publish: a deliberate republish is never swallowed.
+        deduplication_id=f"image-{image_id}-attempt-{attempt}-gen-{uuid.uuid4().hex[:12]}",
+        flow_control_key=UPLOADS_FLOW_CONTROL_KEY,
+        not_before=not_before,
+    )
+
+
 def image_variants_enqueue(*, image_ids: list[int]) -> None:
     """After commit, enqueue one variant job per image, all in one INSERT.
 
@@ -290,10 +309,13 @@ def image_variants_enqueue(*, image_ids: list[int]) -> None:
 
 
 def _variants_enqueue_now(ids: list[int]) -> None:
-    from dispatch import django_q2
+    from dispatch import django_q2, qstash
 
     try:
-        django_q2.enqueue_many("gallery.jobs.generate_variants_job", [(i, 1) for i in ids])
+        if qstash.dispatch_is_qstash():
+            qstash.publish_messages([image_variants_message(image_id=i, attempt=1) for i in ids])
+        else:
+            django_q2.enqueue_many("gallery.jobs.generate_variants_job", [(i, 1) for i in ids])
     except Exception:
         logger.exception("could not enqueue the variant jobs of images %s; they stay pending", ids)
 

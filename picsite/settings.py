@@ -282,6 +282,30 @@ PICSITE_WEBHOOK_MAX_ATTEMPTS = env.int("PICSITE_WEBHOOK_MAX_ATTEMPTS", 20)
 PICSITE_PUSH_SECRET = env.str("PICSITE_PUSH_SECRET", "")
 PICSITE_PUSH_SECRET_NEXT = env.str("PICSITE_PUSH_SECRET_NEXT", "")
 
+# --- Serverless push (docs/serverless.md) --------------------------------------------
+# Who runs queued work: django-q2 workers ("worker") or QStash push deliveries ("qstash").
+PICSITE_DISPATCH = env.str("PICSITE_DISPATCH", "worker")
+if PICSITE_DISPATCH not in ("worker", "qstash"):
+    raise ImproperlyConfigured(f"PICSITE_DISPATCH must be 'worker' or 'qstash', not {PICSITE_DISPATCH!r}.")
+# The site's public base URL (https://photos.example.com): QStash messages go to it and
+# their signatures are checked against it (never against the Host header).
+PICSITE_PUBLIC_URL = env.str("PICSITE_PUBLIC_URL", "")
+# QStash's own names: the SDK's token and base URL, and the two signing keys (rotation).
+QSTASH_TOKEN = env.str("QSTASH_TOKEN", "")
+QSTASH_URL = env.str("QSTASH_URL", "")
+QSTASH_CURRENT_SIGNING_KEY = env.str("QSTASH_CURRENT_SIGNING_KEY", "")
+QSTASH_NEXT_SIGNING_KEY = env.str("QSTASH_NEXT_SIGNING_KEY", "")
+# Vercel Cron's secret: a GET tick with "Authorization: Bearer <CRON_SECRET>" is accepted.
+CRON_SECRET = env.str("CRON_SECRET", "")
+# Items of one run published and not yet checkpointed, at most (the window).
+PICSITE_QSTASH_WINDOW = env.int("PICSITE_QSTASH_WINDOW", 16)
+# QStash flow control: deliveries of one key (one per run, one for uploads) at once.
+PICSITE_QSTASH_PARALLELISM = env.int("PICSITE_QSTASH_PARALLELISM", 8)
+# A published item not checkpointed this long after its publish was lost: the tick republishes it.
+PICSITE_QSTASH_INFLIGHT_TIMEOUT_S = env.float("PICSITE_QSTASH_INFLIGHT_TIMEOUT_S", 900.0)
+# QStash's own delivery retries of a message answered 5xx (or not answered).
+PICSITE_QSTASH_RETRIES = env.int("PICSITE_QSTASH_RETRIES", 3)
+
 # --- django-q2: ORM broker on the same Postgres ------------------------------------
 _q_timeout_s = env.int("PICSITE_Q_TIMEOUT_S", 300)
 Q_CLUSTER = {

@@ -18,9 +18,11 @@ from django.db import transaction
 from django.utils import timezone
 
 from dispatch.django_q2 import enqueue_many
+from dispatch.qstash import dispatch_is_qstash
 from dispatch.queues import BACKFILL_QUEUE
 from tasks import engine, registry, selectors
 from tasks.models import AdminTaskRun, RunStatus
+from tasks.push import push_run_start
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,11 @@ DRAIN_FUNC = "tasks.jobs.drain_run_job"
 
 
 def start_run_drains(*, run_id: int, parallelism: int | None = None) -> None:
+    """Hand the run to whoever works it: N drain jobs (workers), or, with
+    PICSITE_DISPATCH=qstash, its first window of QStash messages."""
+    if dispatch_is_qstash():
+        push_run_start(run_id=run_id)
+        return
     n = parallelism or settings.PICSITE_DRAIN_PARALLELISM
     transaction.on_commit(lambda: enqueue_many(DRAIN_FUNC, [(run_id,)] * n, cluster=BACKFILL_QUEUE))
 
@@ -96,8 +103,12 @@ def _start_rescue_run(defn: registry.TaskDefinition) -> AdminTaskRun | None:
 
 
 def ensure_tick_schedule() -> None:
-    """Create (or fix) the django-q2 schedule that runs ``tick_all_job``."""
+    """Create (or fix) the django-q2 schedule that runs ``tick_all_job`` (not with
+    PICSITE_DISPATCH=qstash: nothing would run it; QStash or Vercel Cron call the tick)."""
     from django_q.models import Schedule
+
+    if dispatch_is_qstash():
+        return
 
     Schedule.objects.update_or_create(
         name="picsite-task-tick",

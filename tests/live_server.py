@@ -66,26 +66,31 @@ def server_env(*, media_root: Path, extra: dict[str, str] | None = None) -> dict
 
 
 @contextmanager
-def live_uvicorn(*, media_root: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start ``uvicorn picsite.asgi:application`` on a free loopback port; yield its base URL.
+def live_uvicorn(
+    *, media_root: Path, env: dict[str, str] | None = None, app: str = "picsite.asgi:application",
+    port: int | None = None, workers: int = 1,
+) -> Iterator[str]:
+    """Start ``uvicorn picsite.asgi:application`` (or ``app``) on a free loopback port (or
+    ``port``); yield its base URL.
 
     The server's output goes to ``media_root.parent / "uvicorn-<port>.log"``.
     """
-    with live_uvicorn_process(media_root=media_root, env=env) as (base_url, _proc):
+    with live_uvicorn_process(media_root=media_root, env=env, app=app, port=port, workers=workers) as (base_url, _proc):
         yield base_url
 
 
 @contextmanager
 def live_uvicorn_process(
-    *, media_root: Path, env: dict[str, str] | None = None
+    *, media_root: Path, env: dict[str, str] | None = None, app: str = "picsite.asgi:application",
+    port: int | None = None, workers: int = 1,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
     """``live_uvicorn``, also yielding the server process (its pid for /proc checks)."""
     media_root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     log = media_root.parent / f"uvicorn-{port}.log"
     cmd = [
-        sys.executable, "-m", "uvicorn", "picsite.asgi:application",
-        "--host", "127.0.0.1", "--port", str(port),
+        sys.executable, "-m", "uvicorn", app,
+        "--host", "127.0.0.1", "--port", str(port), *(["--workers", str(workers)] if workers > 1 else []),
         "--lifespan", "off", "--no-access-log", "--log-level", "warning", "--timeout-graceful-shutdown", "2",
     ]  # fmt: skip
     with log.open("wb") as out:

@@ -374,8 +374,9 @@ def test_unknown_api_routes_are_json_404(api, path):
 @pytest.mark.parametrize(
     ("method", "path", "allow"),
     [
-        ("get", f"{META}/tick", "POST"),
+        ("put", f"{META}/tick", "GET, POST"),  # GET is Vercel Cron's (issue 13)
         ("get", f"{META}/runs/1/kick", "POST"),
+        ("get", f"{META}/runs/1/items/2", "POST"),
         ("put", f"{META}/runs/1/cancel", "POST"),
         ("delete", f"{PRE}/runs", "GET, POST"),
         ("post", f"{PRE}/preview-count", "GET"),

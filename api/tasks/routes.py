@@ -29,9 +29,11 @@ from api.push_auth import PushSignedOr
 from api.tasks import events
 from api.tasks import schemas as s
 from api.tasks.access import CONTROL, TICK, VIEW, run_of_task
+from dispatch.qstash import dispatch_is_qstash
 from tasks import engine, registry
 from tasks.jobs import start_run_drains
 from tasks.models import RunStatus
+from tasks.push import push_item_deliver, push_tick
 from tasks.registry import TaskDefinition
 
 KICK_TIME_BUDGET_S = 4
@@ -78,9 +80,9 @@ def task_router(defn: TaskDefinition) -> Router:
     scope_query, run_create = s.scope_query_schema(defn), s.run_create_schema(defn)
     router = Router(tags=[defn.title], exclude_unset=True)
 
-    def route(method: str, path: str, name: str, summary: str, *, auth: Any, **options: Any) -> Callable:
+    def route(method: str | list[str], path: str, name: str, summary: str, *, auth: Any, **options: Any) -> Callable:
         return router.api_operation(
-            [method], path, auth=auth, operation_id=f"{op}_{name.replace('-', '_')}",
+            [method] if isinstance(method, str) else method, path, auth=auth, operation_id=f"{op}_{name.replace('-', '_')}",
             url_name=registry.api_url_name(defn, name), summary=summary, **options,
         )  # fmt: skip
 
@@ -155,12 +157,27 @@ def task_router(defn: TaskDefinition) -> Router:
         sha256=hex(HMAC-SHA256(secret, "{timestamp}\\n{METHOD}\\n{path}\\n" + body)), timestamp within 300 s,
         secret PICSITE_PUSH_SECRET or PICSITE_PUSH_SECRET_NEXT; each signature is accepted once (a copy:
         401 replayed_signature). Overlapping deliveries are harmless."""
-        run = engine.tick(
-            task_key=key,
-            time_budget_s=settings.PICSITE_PUSH_TICK_BUDGET_S,
-            create_if_idle=settings.PICSITE_PUSH_TICK_CREATES_RUNS,
-        )
+        if dispatch_is_qstash():
+            # Items are delivered one per request: the tick republishes and tops windows up.
+            run = push_tick(task_key=key, create_if_idle=settings.PICSITE_PUSH_TICK_CREATES_RUNS)
+        else:
+            run = engine.tick(
+                task_key=key,
+                time_budget_s=settings.PICSITE_PUSH_TICK_BUDGET_S,
+                create_if_idle=settings.PICSITE_PUSH_TICK_CREATES_RUNS,
+            )
         return s.TickResult(run=s.run_or_none_out(run))
+
+    def run_item(request: HttpRequest, *, run_id: int, item_id: int) -> s.ItemDeliveryResult:
+        """One QStash delivery: process exactly this item (claim, processor, checkpoint, ledger on failure,
+        finish when it was the last). A retryable failure is recorded and answered 200 (its next attempt is
+        published for next_attempt_at); a copy of a delivery is answered 200 with outcome duplicate."""
+        run_of_task(task_key=key, run_id=run_id)
+        delivery = push_item_deliver(run_id=run_id, item_id=item_id)
+        return s.ItemDeliveryResult(
+            outcome=delivery.outcome, run_status=delivery.run_status, state=delivery.state,
+            retry_at=delivery.retry_at,
+        )  # fmt: skip
 
     view, control = Requires(VIEW), Requires(CONTROL)
     route("GET", "/preview-count", "preview-count", f"How many items a {key} run with this scope would process, "
@@ -193,8 +210,18 @@ def task_router(defn: TaskDefinition) -> Router:
           **events_responses)(plain_view(run_events)(_signed(run_events_documented, run_id=RunId)))  # fmt: skip
     tick_extra = responses(200, s.TickResult)
     tick_extra["openapi_extra"]["security"] = [{"bearerAuth": []}, {"cookieAuth": []}, {}]
+    tick_auth = PushSignedOr(TICK, cron_get=True)
     route("POST", "/tick", "tick", "Kick the oldest runnable run for a while (cron / push driver).",
-          auth=PushSignedOr(TICK), **tick_extra)(_signed(tick, **SIGNATURE_HEADERS))  # fmt: skip
+          auth=tick_auth, **tick_extra)(_signed(tick, **SIGNATURE_HEADERS))  # fmt: skip
+    cron_extra = responses(200, s.TickResult)
+    cron_extra["openapi_extra"]["security"] = [{"bearerAuth": []}]
+    route("GET", "/tick", "tick-cron", "The tick for Vercel Cron: GET with Authorization: Bearer CRON_SECRET "
+          "(that secret only, compared in constant time; no API token).", auth=tick_auth, **cron_extra)(
+        _signed(tick, **SIGNATURE_HEADERS))  # fmt: skip
+    route("POST", "/runs/{int:run_id}/items/{int:item_id}", "run-item",
+          "Process one item of the run (a QStash delivery; PICSITE_DISPATCH=qstash).",
+          auth=PushSignedOr(CONTROL), **responses(200, s.ItemDeliveryResult, 404))(
+        _signed(run_item, run_id=RunId, item_id=RunId))  # fmt: skip
     return router
 
 

@@ -130,6 +130,16 @@ class TickResult(BaseModel):
     run: Run | None
 
 
+class ItemDeliveryResult(BaseModel):
+    outcome: Literal["processed", "duplicate", "not_runnable"] = Field(
+        description="processed: this delivery worked the item; duplicate: it was done or is being worked by "
+        "another delivery; not_runnable: the run is paused, cancelling or over (nothing done)."
+    )
+    run_status: RunStatus
+    state: str | None = Field(None, description="The item's ledger state after it (retrying, failed, ...), if it has one.")
+    retry_at: IsoDateTime | None = Field(None, description="When its next attempt is published, if it will be retried.")
+
+
 class Estimate(BaseModel):
     cpu_seconds: float
     bytes: int

@@ -26,6 +26,7 @@ Layers, each importing only those above it:
 - ``scope``: scopes, budgets, the dry-run preview.
 - ``services``: create, set_budget, cancel, retry_failed, resume; list and detail.
 - ``worker``: kick, tick, the lease heartbeat.
+- ``push``: one item per request for push services (QStash): publish windows, deliveries.
 
 Reads of the engine's tables by others go through ``tasks.selectors``.
 """
@@ -49,6 +50,13 @@ from tasks.engine.errors import (
 from tasks.engine.finishes import finish_json, finishes_process
 from tasks.engine.items import item_json, public_state
 from tasks.engine.lifecycle import TRANSITIONS
+from tasks.engine.push import (
+    ItemDelivery,
+    PushItem,
+    push_batches_release,
+    run_item_process,
+    run_window_claim,
+)
 from tasks.engine.runner import ItemDeadline, ItemInterrupted, ItemStopped
 from tasks.engine.scope import (
     BUDGET_KEYS,
@@ -115,6 +123,11 @@ __all__ = [
     "RunNotFound",
     "StorageNotConfigured",
     "UnknownTaskKey",
+    "ItemDelivery",
+    "PushItem",
+    "push_batches_release",
+    "run_item_process",
+    "run_window_claim",
     "cancel",
     "create",
     "detail",

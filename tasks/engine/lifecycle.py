@@ -96,13 +96,17 @@ def settle(run_id: int, defn: TaskDefinition) -> None:
     with transaction.atomic():
         if not try_lock_run(defn, run_id, wait_s=0.2):
             return  # another worker is mid-checkpoint and will settle after us
-        run = AdminTaskRun.objects.get(pk=run_id)
-        if run.status == RunStatus.CANCELLING:
-            if not selectors.run_has_live_batch(run=run):
-                finish(run, RunStatus.CANCELLED)
-            return
-        if run.status in RunStatus.runnable() and not selectors.run_has_work_left(run=run):
-            finish(run, RunStatus.SUCCEEDED)
+        settle_locked(AdminTaskRun.objects.get(pk=run_id))
+
+
+def settle_locked(run: AdminTaskRun) -> None:
+    """``settle`` for a caller that holds the run's lock already (a push window)."""
+    if run.status == RunStatus.CANCELLING:
+        if not selectors.run_has_live_batch(run=run):
+            finish(run, RunStatus.CANCELLED)
+        return
+    if run.status in RunStatus.runnable() and not selectors.run_has_work_left(run=run):
+        finish(run, RunStatus.SUCCEEDED)
 
 
 def fail_run(run_id: int, defn: TaskDefinition, message: str) -> None:
