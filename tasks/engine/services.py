@@ -191,4 +191,34 @@ def detail(*, run_id: int, task_key: str | None = None) -> dict:
     run = get_run(run_id)
     if task_key is not None and run.task_key != task_key:
         raise RunNotFound(f"no {task_key} run with id {run_id}")
-    return {"run": run, "items": selectors.run_items_not_succeeded(run=run, limit=200)}
+    return {
+        "run": run,
+        "items": selectors.run_items_not_succeeded(run=run, limit=200),
+        "finishes": selectors.run_finishes(run=run),
+    }
+
+
+ITEMS_PAGE_MAX = 500
+
+
+def items_page(*, run_id: int, task_key: str | None = None, state: str | None = None, after: int | None = None,
+               limit: int = 100) -> dict:
+    """One keyset page of a run's items. Batch runs keep a row per requested item
+    (``bookkeeping`` "items", keyed by submission position); library runs only the ledger of
+    items that failed at least once ("failures", keyed by item id). ``next`` is the
+    ``after`` of the following page, None on the last one."""
+    run = get_run(run_id)
+    if task_key is not None and run.task_key != task_key:
+        raise RunNotFound(f"no {task_key} run with id {run_id}")
+    limit = max(1, min(limit, ITEMS_PAGE_MAX))
+    rows = selectors.run_items_page(run=run, state=state, after=after, limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    batch = run.kind == RunKind.BATCH
+    last = rows[-1] if rows else None
+    return {
+        "run": run,
+        "bookkeeping": "items" if batch else "failures",
+        "items": rows,
+        "next": (last.position if batch else last.item_id) if more and last is not None else None,
+    }

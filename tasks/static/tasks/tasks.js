@@ -305,7 +305,9 @@
     return api(this.base, "runs").then(
       function (data) {
         self.recent = data.recent || [];
-        self.active = data.active || null;
+        // "active" lists every active run (batches first); the panel follows the library run.
+        self.activeRuns = data.active || [];
+        self.active = self.activeRuns.filter(function (r) { return r.kind !== "batch"; })[0] || null;
         self.renderRecent();
         if (self.active) {
           if (!self.viewed || self.viewed.id === self.active.id || first) self.view(self.active);
