@@ -164,7 +164,14 @@ def task_router(defn: TaskDefinition) -> Router:
         outcome; as workers on any host fold their checkpoints into the run: each failure, each batch end,
         at least every 0.5 s) and `event: status`, a fresh snapshot at most every 0.5 s, `: keepalive`
         comments every 15 s. Ends after the run finishes (final snapshot) or after 10 minutes; clients
-        reconnect, or poll GET runs/{run_id}."""
+        reconnect, or poll GET runs/{run_id}.
+
+        Batch runs also stream their items: after the run snapshot `event: items` (every item in submission
+        order; its `id:` and `last_event_id` the last change it reflects), then `event: item` (`id:` = the
+        change's event id; data `{"run", "id", "item": {item_id, position, state, attempts, next_attempt_at,
+        error, started_at, finished_at, seconds, bytes, result}}`) for every item state change. A client that
+        reconnects with the `Last-Event-ID` header (or `?last_event_id=`) gets, instead of the items snapshot,
+        every change after that id, in order, before the live ones: none missed, none twice."""
 
     def tick(request: HttpRequest, **signature_headers: str | None) -> s.TickResult:
         """Staff (bearer token, or session + CSRF) or an HMAC-signed request: X-Picsite-Signature =
