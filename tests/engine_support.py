@@ -141,7 +141,7 @@ BATCH_DEFINITION = register(
         batch_ids=lambda scope: scope["image_ids"] if scope.get("mode") == "ids" else None,
         item_result=lambda image: {"title": image.title},
         on_finish=_on_finish,
-        listed=False,  # a test task: not on /admin/tasks nor among the CLI's known tasks
+        listed=False,
     )
 )
 
