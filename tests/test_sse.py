@@ -361,3 +361,42 @@ def test_a_bad_last_event_id_is_a_400(live, staff_user, media_root, local_storag
     response = open_stream(live, f"{META}/runs/{run.pk}/events", token, last_event_id="abc")
     assert response.status == 400
     assert json.loads(response.read())["error"]["details"] == {"field": "Last-Event-ID"}
+
+
+def test_after_a_resync_a_batch_stream_replays_the_item_changes_it_missed(media_root, local_storage):
+    """NOTIFYs lost (the hub reconnected, or the client's queue overflowed: RESYNC): the
+    stream reads every item change after the last one it sent from the table."""
+    import asyncio
+
+    from api.tasks import events as sse
+    from tasks.notify_hub import RESYNC
+
+    ids = batch_images(12, media_root)
+    run = engine.create(task_key="metadata-refresh", scope={"image_ids": ids})
+
+    class Deaf:  # a subscription whose NOTIFYs all get lost
+        queue: asyncio.Queue
+
+        def close(self) -> None:
+            pass
+
+    async def scenario() -> list[bytes]:
+        sub = Deaf()
+        sub.queue = asyncio.Queue()
+        stream = sse._run_events(run_id=run.pk, subscription=sub, batch=True)
+        chunks = [await stream.__anext__() for _ in range(3)]  # retry, run snapshot, items snapshot
+        await asyncio.to_thread(engine.kick, run_id=run.pk)  # every change happens unheard
+        sub.queue.put_nowait(RESYNC)
+        chunks += [chunk async for chunk in stream]
+        return chunks
+
+    chunks = asyncio.run(scenario())
+    assert chunks[2].startswith(b"id: 0\nevent: items\n")
+    sent = [
+        (int(chunk.split(b"\n")[0][4:]), json.loads(chunk.split(b"\ndata: ")[1])["item"]["state"])
+        for chunk in chunks[3:]
+        if b"\nevent: item\n" in chunk
+    ]
+    assert sent == [(pk, state) for pk, _, state in table_events(run.pk)]  # all, in order, once
+    assert len(sent) == 24
+    assert b'"status":"succeeded"' in chunks[-1]  # then the final snapshot
