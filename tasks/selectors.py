@@ -40,13 +40,19 @@ def run_active(*, task_key: str) -> AdminTaskRun | None:
     return AdminTaskRun.objects.filter(task_key=task_key, kind=RunKind.LIBRARY, status__in=RunStatus.active()).first()
 
 
-def runs_active(*, task_key: str) -> list[AdminTaskRun]:
-    """Every active run of ``task_key``: batch runs first (newest first), then the library run."""
-    return list(
-        AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).order_by(
-            Case(When(kind=RunKind.BATCH, then=0), default=1), "-id"
+def runs_active(*, task_key: str, limit: int | None = None) -> list[AdminTaskRun]:
+    """Every active run of ``task_key``: batch runs first (newest first), then the library
+    run. With ``limit``, at most that many: the newest batch runs and the library run."""
+    if limit is None:
+        return list(
+            AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).order_by(
+                Case(When(kind=RunKind.BATCH, then=0), default=1), "-id"
+            )
         )
-    )
+    library = run_active(task_key=task_key)
+    batches = AdminTaskRun.objects.filter(task_key=task_key, kind=RunKind.BATCH, status__in=RunStatus.active())
+    batches = list(batches.order_by("-id")[: max(limit - (library is not None), 0)])
+    return [*batches, *([library] if library is not None else [])]
 
 
 def run_other_active(*, run: AdminTaskRun) -> AdminTaskRun | None:

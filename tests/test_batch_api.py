@@ -138,6 +138,17 @@ def test_runs_list_shows_every_active_run(api):
     assert [run["id"] for run in api.get(f"{BATCH}/runs").json()["active"]] == [second["id"], library["id"]]
 
 
+def test_the_active_list_is_capped_but_keeps_the_library_run(api, monkeypatch):
+    from tasks.engine import services
+
+    monkeypatch.setattr(services, "ACTIVE_LISTED_MAX", 3)
+    images = make_images(4)
+    library = post_json(api, f"{BATCH}/runs", {"scope": {}}).json()
+    batches = [post_json(api, f"{BATCH}/runs", {"scope": {"image_ids": [i.pk]}}).json() for i in images]
+    listing = api.get(f"{BATCH}/runs").json()
+    assert [run["id"] for run in listing["active"]] == [batches[3]["id"], batches[2]["id"], library["id"]]
+
+
 def test_batch_items_come_in_keyset_pages_in_submission_order(api):
     images = make_images(7, titles={2: "fail-always"})
     ids = [images[i].pk for i in (5, 0, 2, 6, 1, 3, 4)]

@@ -175,8 +175,8 @@ class RunCreated(Run):
 
 class RunList(BaseModel):
     active: list[Run] = Field(
-        description="Every active run of the task: batch runs (newest first), then the library run. "
-        "A list since batch runs coexist (was one run or null)."
+        description="Every active run of the task: batch runs (newest first), then the library run; at most "
+        "100 (the newest batch runs and the library run). A list since batch runs coexist (was one run or null)."
     )
     recent: Annotated[list[Run], Field(max_length=10)]
 

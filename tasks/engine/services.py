@@ -178,11 +178,16 @@ def release_worker_batches(*, run_id: int, owner: str) -> None:
 # --- reads that refuse ------------------------------------------------------------------------
 
 
+# At most this many active runs are listed: the newest batch runs and the library run.
+ACTIVE_LISTED_MAX = 100
+
+
 def list_runs(*, task_key: str, limit: int = 10) -> dict:
     definition(task_key)
     return {
         "active": selectors.run_active(task_key=task_key),  # the library run (one at most)
-        "active_runs": selectors.runs_active(task_key=task_key),  # every active run, batches first
+        # Every active run, batches first (at most ACTIVE_LISTED_MAX: the newest batches).
+        "active_runs": selectors.runs_active(task_key=task_key, limit=ACTIVE_LISTED_MAX),
         "recent": selectors.runs_recent(task_key=task_key, limit=limit),
     }
 
