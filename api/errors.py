@@ -83,7 +83,10 @@ def validation_error(exc: ValidationError) -> ApiError:
     name = str(path[1])
     if kind == "extra_forbidden":
         return bad_request(NESTED_ERROR_CODES[key], f"unknown {key} key {name!r}", field=name)
-    return bad_request(NESTED_ERROR_CODES[key], f"{key} {name}: {message}", field=name)
+    refusal = bad_request(NESTED_ERROR_CODES[key], f"{key} {name}: {message}", field=name)
+    if kind == "too_long":  # e.g. more ids than a batch takes: say the limit
+        refusal.details["limit"] = (error.get("ctx") or {}).get("max_length")
+    return refusal
 
 
 def install_error_handlers(api: NinjaAPI) -> None:

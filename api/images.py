@@ -4,7 +4,8 @@ photos) and ``GET /api/v1/images/<id>`` (one image with its serving and candidat
 Here, not in ``gallery``: the ``api`` app is the project's HTTP layer and may use the
 gallery's services and selectors, while the gallery knows nothing of the API. Uploading
 needs ``gallery.add_image`` (as the admin's upload form; a token needs scope ``write``),
-reading ``gallery.view_image`` (scope ``read``). The work is ``gallery.importer``'s.
+reading ``gallery.view_image`` (scope ``read``), deleting ``gallery.delete_image`` (as the
+admin's delete; scope ``write``). The work is ``gallery.importer``'s and ``gallery.services``'.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from gallery import models
 from gallery.importer import IngestItem, IngestSource, ingest_uploads
 from gallery.jobs import generate_variants_job
 from gallery.selectors import VariantStores, image_variant_sets, variant_url
-from gallery.services import OriginalStorageError, variant_recipe_current
+from gallery.services import OriginalStorageError, image_soft_delete, variant_recipe_current
 
 UPLOAD = Access(permission="gallery.add_image", scopes=("write",))
 VIEW = Access(permission="gallery.view_image", scopes=("read",))
+DELETE = Access(permission="gallery.delete_image", scopes=("write",))  # as the admin's delete
 ERRORS = {
     400: "No file, an unreadable multipart body, or none of the files is an acceptable image (details lists them).",
     401: "Not authenticated (no or revoked bearer token, no session), or the token has expired (code token_expired).",
@@ -104,7 +106,7 @@ class ImageDetail(BaseModel):
     variants: ImageVariants
 
 
-def _responses(success: int, model: type[BaseModel], *errors: int) -> dict:
+def _responses(success: int, model: type[BaseModel] | None, *errors: int) -> dict:
     return responses(success, model, ERRORS, *errors)
 
 
@@ -154,13 +156,18 @@ def _rejected(item: IngestItem) -> RejectedFile:
     return RejectedFile(file=item.name, code=item.code, message=item.message)
 
 
-def image_detail(request: HttpRequest, image_id: int) -> ImageDetail:
-    """One image as staff see it: its variant state and the sets it serves or is building."""
+def _image_or_404(image_id: int) -> models.Image:
     image = None
     if 0 < image_id <= MAX_BIGINT:
         image = models.Image.objects.select_related("serving_set").filter(pk=image_id).first()
     if image is None:
         raise ApiError(status=404, code="image_not_found", message=f"No image with id {image_id}.")
+    return image
+
+
+def image_detail(request: HttpRequest, image_id: int) -> ImageDetail:
+    """One image as staff see it: its variant state and the sets it serves or is building."""
+    image = _image_or_404(image_id)
     stores = VariantStores()
     sets = image_variant_sets(image=image, stores=stores)
     current = variant_recipe_current().version
@@ -216,6 +223,21 @@ def image_variants_generate(request: HttpRequest, image_id: int, body: VariantsA
     # Failures are recorded on the image and their retry published or scheduled: 2xx. Only an
     # exception (nothing recorded) is a 5xx, which QStash's own retry covers.
     return VariantsJobResult(outcome=generate_variants_job(image_id, body.attempt if body else 1))
+
+
+@router.delete(
+    "/images/{int:image_id}",
+    auth=Requires(DELETE),
+    operation_id="image_delete",
+    summary="Soft-delete an image (hidden at once, its variants removed; the original stays until the collector's "
+    "grace ends, and re-uploading the same file restores it). Deleting a deleted image is a 204 as well.",
+    **_responses(204, None, 404),
+)
+def image_delete(request: HttpRequest, image_id: int) -> Status:
+    image = _image_or_404(image_id)
+    if image.deleted_at is None:
+        image_soft_delete(image=image)
+    return Status(204, None)
 
 
 def _set(image: models.Image, vset: models.VariantSet, stores: VariantStores) -> VariantSet:

@@ -71,6 +71,7 @@ TARGETS: list[tuple[str, str, str, object, str]] = [
     ("variants", "switch_gap_ms", "==", 0, "longest an advertised URL failed during a regeneration"),
     ("batch", "latency_ratio", "<=", 1.3, "20-item batch beside a busy backfill / alone"),
     ("batch", "within_bound", "==", True, "100-photo batch, 2 workers: peak RSS <= PICSITE_WORKER_MEMORY_MB"),
+    ("batch", "sse_p95_ms", "<=", 250, "item change committed -> SSE client event, p95 ms (see sse_load_avg_1m)"),
     ("quality", "bytes_over_fixed", "<=", 0.85, "auto quality ladder bytes / fixed, same run"),
     ("quality", "time_over_fixed", "<=", 1.3, "auto quality ladder time / fixed (search included)"),
     ("quality", "mean_score_delta", ">=", 0, "mean SSIMULACRA2 per photo, auto - fixed"),
@@ -87,6 +88,7 @@ INFO: list[tuple[str, str, str]] = [
     ("variants", "pipeline_over_encode_only", "wall: pipeline / encodes alone (the old floor)"),
     ("variants", "pipeline_cpu_over_naive_cpu", "CPU seconds: pipeline / naive"),
     ("push", "noop_items_per_s", "push path, no-op items/s (per-request overhead)"),
+    ("batch", "sse_load_avg_1m", "load average (1 min) while sse_p95_ms was measured"),
 ]
 
 OPS = {">=": operator.ge, "<=": operator.le, "<": operator.lt, ">": operator.gt, "==": operator.eq}

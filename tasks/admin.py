@@ -13,7 +13,7 @@ from django.urls import reverse
 from django.utils.html import format_html
 
 from tasks import engine
-from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun
+from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, AdminTaskRunFinish
 
 
 class NoWrites:
@@ -50,11 +50,35 @@ class ItemInline(NoWrites, admin.TabularInline):
     verbose_name_plural = "failed-item ledger"
 
 
+class FinishInline(NoWrites, admin.TabularInline):
+    """Each terminal transition of the run and its callback delivery."""
+
+    model = AdminTaskRunFinish
+    fields = (
+        "seq", "status", "created_at", "hook_done_at", "delivery_state", "delivery_attempts", "last_delivery",
+        "next_delivery_at", "delivered_at",
+    )  # fmt: skip
+    readonly_fields = fields
+    extra = 0
+    max_num = 0
+    can_delete = False
+    ordering = ("seq",)
+    verbose_name_plural = "finish records and callback deliveries"
+
+    @admin.display(description="last attempt")
+    def last_delivery(self, obj: AdminTaskRunFinish) -> str:
+        if not obj.delivery_log:
+            return "—"
+        last = obj.delivery_log[-1]
+        return f"{last.get('status') or last.get('error') or '?'} ({last.get('ms', 0)} ms, {last.get('at', '')})"
+
+
 @admin.register(AdminTaskRun)
 class AdminTaskRunAdmin(ReadOnlyAdmin):
     list_display = (
         "id",
         "task_key",
+        "kind",
         "status",
         "pause_reason",
         "progress_display",
@@ -66,7 +90,7 @@ class AdminTaskRunAdmin(ReadOnlyAdmin):
         "finished_at",
     )
     list_display_links = ("id", "task_key")
-    list_filter = ("task_key", "status", "pause_reason")
+    list_filter = ("task_key", "kind", "status", "pause_reason")
     search_fields = ("=id", "task_key", "last_error")
     date_hierarchy = "created_at"
     ordering = ("-id",)
@@ -74,8 +98,15 @@ class AdminTaskRunAdmin(ReadOnlyAdmin):
     list_select_related = ("created_by",)
     readonly_fields = ("task_page_link", "scope_pretty", "budget_pretty", "issues_pretty")
     fieldsets = (
-        (None, {"fields": ("task_page_link", "task_key", "status", "pause_reason", "scope_pretty", "last_error")}),
-        ("Counters", {"fields": ("total", "processed", "succeeded", "skipped", "failed", "cursor", "max_item_id")}),
+        (
+            None,
+            {"fields": ("task_page_link", "task_key", "kind", "status", "pause_reason", "scope_pretty", "last_error",
+                        "callback_url")},
+        ),
+        (
+            "Counters",
+            {"fields": ("total", "missing", "processed", "succeeded", "skipped", "failed", "cursor", "max_item_id")},
+        ),
         (
             "Budget and cost",
             {"fields": ("budget_pretty", "spent_items", "spent_seconds", "spent_bytes", "spent_writes", "busy_seconds")},
@@ -98,7 +129,7 @@ class AdminTaskRunAdmin(ReadOnlyAdmin):
             },
         ),
     )
-    inlines = (ItemInline,)
+    inlines = (ItemInline, FinishInline)
 
     @admin.display(description="processed", ordering="processed")
     def progress_display(self, obj: AdminTaskRun) -> str:

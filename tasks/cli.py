@@ -1,14 +1,17 @@
 """Run a task from the command line: create a run (or adopt the active one) and drain
-it in this process with ``engine.kick``.
+it in this process with ``engine.kick``. A scope of explicit ids (``--ids``) always creates
+its own *batch* run, beside whatever else runs, never adopting another, and ends with a
+table of its items in the order given (id, state, error code, seconds).
 
 The management commands only parse arguments and call ``run_cli``: ``taskrun KEY`` runs
 any registered task, and a definition that declares a ``command`` gets one of its own
 (``preprocess_backfill``, ``metadata_refresh``, ``variants_gc``: ``task_command``). Exit codes:
 
-0  the run succeeded (individual items may still have failed; they are listed),
-   or there was nothing to do, or a dry run
+0  the run succeeded (in a library-wide run individual items may still have failed; they
+   are listed), or there was nothing to do, or a dry run
 1  the run failed, was cancelled (Ctrl-C cancels it), paused on its budget, stalled,
-   or the task cannot run here (e.g. variant storage not configured)
+   or the task cannot run here (e.g. variant storage not configured); or a batch (--ids)
+   had an item that failed (ids that do not exist are reported as missing, not failed)
 2  usage error: unknown task, bad ids, conflicting flags, invalid scope or budget
 """
 
@@ -27,7 +30,7 @@ from django.core.management.base import BaseCommand
 from django.utils import timezone
 
 from tasks import engine, registry, selectors
-from tasks.models import AdminTaskRun, RunStatus
+from tasks.models import AdminTaskRun, ItemState, RunKind, RunStatus
 from tasks.registry import ScopeFieldType
 from tasks.text import format_bytes, format_duration
 
@@ -178,7 +181,9 @@ def run_cli(
         _line(stderr, f"error: {exc.message}")
         return EXIT_USAGE
 
-    active = selectors.run_active(task_key=task_key)
+    # A batch of explicit ids is a run of its own: it never adopts the library run.
+    batch = defn.batch_ids(preview.scope) is not None
+    active = None if batch else selectors.run_active(task_key=task_key)
     if dry_run:
         return _dry_run(defn, preview, clean_budget, active, stdout)
 
@@ -203,6 +208,8 @@ def _dry_run(defn, preview: engine.Preview, budget: dict | None, active, stdout)
     _line(stdout, f"Dry run: {defn.title} ({defn.key})")
     _line(stdout, f"  scope: {json.dumps(preview.scope)}")
     _line(stdout, f"  {preview.count} items would be processed")
+    if preview.batch and preview.batch["missing"]:
+        _line(stdout, f"  {preview.batch['missing']} ids do not exist: {_id_list(preview.batch['missing_ids'])}")
     if preview.count:
         parts = [f"about {format_duration(est.get('cpu_seconds'))} of processing"]
         if est.get("bytes"):
@@ -230,8 +237,11 @@ def _create_or_adopt(task_key, scope, preview, budget, active, stdout, stderr) -
         if active is None:
             try:
                 run = engine.create(task_key=task_key, scope=scope, budget=budget)
-            except engine.EmptyScope:
-                _line(stdout, f"Nothing to do: no items match the scope {json.dumps(preview.scope)}.")
+            except engine.EmptyScope as exc:
+                if exc.details.get("missing"):
+                    _line(stdout, f"Nothing to do: none of the ids exist ({_id_list(exc.details['missing'])}).")
+                else:
+                    _line(stdout, f"Nothing to do: no items match the scope {json.dumps(preview.scope)}.")
                 return None, EXIT_OK
             except engine.StorageNotConfigured as exc:
                 _line(stderr, f"error: {exc.message}")
@@ -365,6 +375,8 @@ def _summary(run: AdminTaskRun, stdout) -> int:
         f"Run #{run.pk} {run.status}: {c['processed']}/{run.total} processed in {format_duration(p['elapsed_seconds'])} - "
         f"succeeded {c['succeeded']}, skipped {c['skipped']}, failed {c['failed']}.",
     )
+    if run.kind == RunKind.BATCH:
+        _item_table(run, stdout)
     failed = selectors.run_failed_items(run=run, limit=MAX_FAILED_LISTED + 1)
     if failed:
         _line(stdout, "Failed items:")
@@ -379,6 +391,8 @@ def _summary(run: AdminTaskRun, stdout) -> int:
     if run.status == RunStatus.SUCCEEDED:
         if run.failed:
             _line(stdout, "Some items failed: retry them from /admin/tasks/ (Retry failed) or with a failed-only scope.")
+            if run.kind == RunKind.BATCH:
+                return EXIT_FAILED  # a batch is done only when every item it names is
         return EXIT_OK
     if run.status == RunStatus.PAUSED:
         reason = next((i.get("message") for i in run.recent_issues or [] if i.get("code") == "budget"), "")
@@ -398,6 +412,32 @@ def _summary(run: AdminTaskRun, stdout) -> int:
     if run.last_error:
         _line(stdout, f"Error: {run.last_error}")
     return EXIT_FAILED
+
+
+def _id_list(ids: list[int], limit: int = 20) -> str:
+    shown = ", ".join(str(i) for i in ids[:limit])
+    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _item_table(run: AdminTaskRun, stdout) -> None:
+    """Every item of a batch run in the order given: id, state, error code, seconds."""
+    rows = [
+        (
+            str(item.item_id),
+            engine.public_state(item.state),
+            item.last_error_code or "-",
+            f"{item.seconds:.2f}" if item.started_at else "-",
+        )
+        for item in selectors.run_items_all(run_id=run.pk)
+    ]
+    header = ("id", "state", "error", "seconds")
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
+    _line(stdout, f"Items of run #{run.pk} (in the order given):")
+    for cells in (header, *rows):
+        _line(stdout, "  " + "  ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)).rstrip())
+    missing = [row[0] for row in rows if row[1] == ItemState.MISSING]
+    if missing:
+        _line(stdout, f"  {len(missing)} ids did not exist (or were deleted) and were not processed.")
 
 
 # --- glue for the management commands ------------------------------------------------------

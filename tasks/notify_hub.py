@@ -33,8 +33,12 @@ from psycopg import sql
 
 logger = logging.getLogger(__name__)
 
-# Queue marker: events may have been missed, take a snapshot.
+# Queue marker: events may have been missed, take a snapshot (and, for item events,
+# replay them from the table).
 RESYNC: Final = "resync"
+# The engine's NOTIFYs a stream forwards: counters, status, and a batch run's item
+# changes (each carrying its AdminTaskEvent id).
+DISPATCHED_EVENTS = ("progress", "status", "item")
 QUEUE_LIMIT = 1000
 IDLE_CLOSE_S = 1.0  # keep the connection briefly for a stream that reconnects at once
 PING_EVERY_S = 60.0  # re-run LISTEN on a quiet connection: proves it is alive
@@ -152,7 +156,7 @@ class NotifyHub:
             payload = json.loads(payload_text)
         except ValueError:
             return
-        if not isinstance(payload, dict) or payload.get("event") not in ("progress", "status"):
+        if not isinstance(payload, dict) or payload.get("event") not in DISPATCHED_EVENTS:
             return
         run_id = payload.get("run")
         if not isinstance(run_id, int):

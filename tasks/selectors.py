@@ -12,7 +12,16 @@ from django.db.models import Case, QuerySet, Sum, When
 from django.utils import timezone
 
 from tasks import registry
-from tasks.models import AdminTaskBatch, AdminTaskItem, AdminTaskRun, ItemState, RunKind, RunStatus
+from tasks.models import (
+    AdminTaskBatch,
+    AdminTaskEvent,
+    AdminTaskItem,
+    AdminTaskRun,
+    AdminTaskRunFinish,
+    ItemState,
+    RunKind,
+    RunStatus,
+)
 
 # --- runs ---------------------------------------------------------------------------------
 
@@ -31,13 +40,19 @@ def run_active(*, task_key: str) -> AdminTaskRun | None:
     return AdminTaskRun.objects.filter(task_key=task_key, kind=RunKind.LIBRARY, status__in=RunStatus.active()).first()
 
 
-def runs_active(*, task_key: str) -> list[AdminTaskRun]:
-    """Every active run of ``task_key``: batch runs first (newest first), then the library run."""
-    return list(
-        AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).order_by(
-            Case(When(kind=RunKind.BATCH, then=0), default=1), "-id"
+def runs_active(*, task_key: str, limit: int | None = None) -> list[AdminTaskRun]:
+    """Every active run of ``task_key``: batch runs first (newest first), then the library
+    run. With ``limit``, at most that many: the newest batch runs and the library run."""
+    if limit is None:
+        return list(
+            AdminTaskRun.objects.filter(task_key=task_key, status__in=RunStatus.active()).order_by(
+                Case(When(kind=RunKind.BATCH, then=0), default=1), "-id"
+            )
         )
-    )
+    library = run_active(task_key=task_key)
+    batches = AdminTaskRun.objects.filter(task_key=task_key, kind=RunKind.BATCH, status__in=RunStatus.active())
+    batches = list(batches.order_by("-id")[: max(limit - (library is not None), 0)])
+    return [*batches, *([library] if library is not None else [])]
 
 
 def run_other_active(*, run: AdminTaskRun) -> AdminTaskRun | None:
@@ -183,3 +198,47 @@ def run_items_not_succeeded(*, run: AdminTaskRun, limit: int = 200) -> list[Admi
 def run_failed_items(*, run: AdminTaskRun, limit: int) -> list[AdminTaskItem]:
     """Items out of attempts, by item id."""
     return list(AdminTaskItem.objects.filter(run=run, state=ItemState.FAILED).order_by("item_id")[:limit])
+
+
+# --- a run's items, events and finish records ------------------------------------------------
+
+# The states a client asks for, as stored: a retrying item is shown as pending.
+STORED_STATES = {ItemState.PENDING: [ItemState.PENDING, ItemState.RETRYING]}
+
+
+def run_items_page(*, run: AdminTaskRun, state: str | None, after: int | None, limit: int) -> list[AdminTaskItem]:
+    """One keyset page of the run's item rows: a batch run's by submission position, a
+    library run's ledger by item id; ``after`` is the last key of the previous page."""
+    qs = AdminTaskItem.objects.filter(run=run)
+    if state is not None:
+        qs = qs.filter(state__in=STORED_STATES.get(state, [state]))
+    key = "position" if run.kind == RunKind.BATCH else "item_id"
+    if after is not None:
+        qs = qs.filter(**{f"{key}__gt": after})
+    return list(qs.order_by(key)[:limit])
+
+
+def run_item_ids_in_state(*, run: AdminTaskRun, state: str, limit: int = 1000) -> list[int]:
+    """Item ids of the run in ``state``, in submission order (batch runs)."""
+    return list(
+        AdminTaskItem.objects.filter(run=run, state=state).order_by("position", "item_id").values_list("item_id", flat=True)[:limit]
+    )
+
+
+def run_items_all(*, run_id: int) -> list[AdminTaskItem]:
+    """Every item row of a batch run, in submission order (an event stream's snapshot)."""
+    return list(AdminTaskItem.objects.filter(run_id=run_id).order_by("position", "item_id"))
+
+
+def run_events_after(*, run_id: int, after: int, limit: int = 5000) -> list[AdminTaskEvent]:
+    """The run's item events with an id above ``after``, in commit (id) order."""
+    return list(AdminTaskEvent.objects.filter(run_id=run_id, pk__gt=after).order_by("pk")[:limit])
+
+
+def run_last_event_id(*, run_id: int) -> int:
+    return AdminTaskEvent.objects.filter(run_id=run_id).order_by("-pk").values_list("pk", flat=True).first() or 0
+
+
+def run_finishes(*, run: AdminTaskRun) -> list[AdminTaskRunFinish]:
+    """The run's finish records (one per terminal transition), by sequence number."""
+    return list(AdminTaskRunFinish.objects.filter(run=run).order_by("seq"))

@@ -129,7 +129,7 @@ BATCH_DEFINITION = register(
         lock_id=49002,
         batch_size=4,
         lease_seconds=30,
-        scope_fields=(ScopeField("image_ids", "int_list", "An explicit batch of up to 1000 ids"),),
+        scope_fields=(ScopeField("image_ids", "int_list", "An explicit batch of up to 1000 ids", max_items=1000),),
         normalize_scope=_normalize_batch,
         scope_queryset=_batch_scope,
         item_queryset=lambda: Image.objects.alive(),

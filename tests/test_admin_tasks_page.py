@@ -172,3 +172,26 @@ def test_run_admin_progress_counts_items_pending_on_batches(client, superuser):
     assert run.processed == 0  # still on the batch row
     html = login(client, superuser).get(reverse("admin:tasks_admintaskrun_changelist")).content.decode()
     assert "3/8 (38%)" in html
+
+
+def test_the_page_has_a_place_for_batches(client, staff_user):
+    html = login(client, staff_user).get(PAGE).content.decode()
+    assert html.count('data-testid="batches"') == 3  # one per listed task (the script fills them)
+
+
+def test_run_admin_shows_finish_records_and_their_deliveries(client, superuser):
+    from django.utils import timezone
+
+    from tasks.models import AdminTaskRunFinish, DeliveryState
+
+    make_images(1)
+    run = engine.create(task_key=TEST_TASK_KEY, scope={})
+    AdminTaskRun.objects.filter(pk=run.pk).update(callback_url="https://hooks.example.com/picsite", status="succeeded")
+    AdminTaskRunFinish.objects.create(
+        run=run, seq=1, status="succeeded", delivery_state=DeliveryState.PENDING, delivery_attempts=1,
+        next_delivery_at=timezone.now(), delivery_log=[{"at": "2026-01-01T00:00:00+00:00", "status": 503, "error": "HTTP 503", "ms": 12}],
+    )  # fmt: skip
+    detail = login(client, superuser).get(reverse("admin:tasks_admintaskrun_change", args=[run.pk])).content.decode()
+    assert "finish records and callback deliveries" in detail.lower()
+    assert "https://hooks.example.com/picsite" in detail
+    assert "503 (12 ms" in detail and "Pending" in detail

@@ -42,6 +42,7 @@ TASK_ROUTES = [
     ("get", f"{META}/runs", VIEW_RUNS),
     ("post", f"{META}/runs", RUN_TASKS),
     ("get", f"{META}/runs/1", VIEW_RUNS),
+    ("get", f"{META}/runs/1/items", VIEW_RUNS),
     ("post", f"{META}/runs/1/kick", RUN_TASKS),
     ("post", f"{META}/runs/1/cancel", RUN_TASKS),
     ("post", f"{META}/runs/1/retry-failed", RUN_TASKS),

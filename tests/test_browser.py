@@ -513,3 +513,122 @@ def test_a_new_upload_replaces_its_placeholder_without_a_reload(site, browser, s
     assert len(polls) == polled, "the page kept polling a finished tile"
     assert js_errors == [], js_errors
     context.close()
+
+
+@pytest.fixture
+def quiet_site(transactional_db, tmp_path, settings, monkeypatch):
+    """uvicorn only: no workers and no page kicks, so the test decides when items move."""
+    _require_chromium()
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    media = tmp_path / "media"
+    variants = media / "v"
+    settings.MEDIA_ROOT = media
+    settings.PICSITE_VARIANT_STORAGE = "local"
+    settings.PICSITE_VARIANT_LOCAL_ROOT = variants
+    settings.PICSITE_VARIANT_WIDTHS = [320, 640]
+    live = start_site(
+        db_name=connection.settings_dict["NAME"],
+        media_root=media,
+        variant_root=variants,
+        log_dir=tmp_path / "logs",
+        workers=False,
+        extra_env={"PICSITE_ADMIN_PAGE_DRIVES_KICKS": "false", "PICSITE_VARIANT_WIDTHS": "320,640"},
+    )
+    try:
+        yield live
+    finally:
+        live.stop()
+
+
+def test_batch_runs_show_a_live_item_grid_with_errors_and_deliveries(quiet_site, shot, django_user_model, settings):
+    """Beside an active library run, a batch gets a card on /admin/tasks with a tile per
+    requested id in submission order (missing ids marked), tiles that change live as this
+    process works the batch, the failed item's error on hover and click, thumbnails of the
+    items made ready, and the callback deliveries; a second batch starts from the page."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from gallery.services import image_ingest
+    from tasks import engine
+    from tasks.models import AdminTaskItem
+    from tests.engine_support import make_images
+    from tests.test_batch_runs import SECRET, Receiver
+
+    settings.PICSITE_ITEM_MAX_ATTEMPTS = 1
+    settings.PICSITE_WEBHOOK_SECRET = SECRET
+    settings.PICSITE_WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
+    settings.PICSITE_WEBHOOK_RETRY_BASE_S = 0.2
+    good = [image_ingest(data=(CORPUS / "photos" / n).read_bytes(), filename=n).image.pk for n in GOOD_PHOTOS[:2]]
+    (broken,) = make_images(1)  # its original does not exist: the item fails
+    library = engine.create(task_key="preprocess-images", scope={})
+    receiver = Receiver(fail_first=1)
+    requested = [good[0], 987654321, broken.pk, good[1]]
+    batch = engine.create(task_key="preprocess-images", scope={"image_ids": requested}, callback_url=receiver.url)
+    staff = django_user_model.objects.create_user("batch-staff", password=STAFF_PW, is_staff=True)
+    grant(staff, "tasks.view_admintaskrun", "tasks.run_tasks")
+    base = quiet_site.base_url
+    try:
+        with sync_playwright() as pw:
+            chromium = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+            try:
+                page = chromium.new_page(viewport={"width": 1400, "height": 1200})
+                page.set_default_timeout(20_000)
+                js_errors: list[str] = []
+                page.on("pageerror", lambda exc: js_errors.append(str(exc)))
+                login(page, base, staff.username, STAFF_PW)
+                page.wait_for_url(base + "/admin/")
+                page.goto(base + "/admin/tasks/")
+                pre = page.get_by_test_id("panel-preprocess-images")
+                expect(pre).to_have_attribute("data-active-run", str(library.pk))  # the library run, as before
+                card = pre.get_by_test_id(f"batch-{batch.pk}")
+                expect(card).to_be_visible()
+                tiles = card.locator(".tp-tile")
+                expect(tiles).to_have_count(4)
+                assert [int(t.get_attribute("data-item-id")) for t in tiles.all()] == requested
+                expect(card.get_by_test_id("batch-item-987654321")).to_have_attribute("data-state", "missing")
+                expect(card.get_by_test_id(f"batch-item-{good[0]}")).to_have_attribute("data-state", "pending")
+                expect(card).to_have_attribute("data-live", "stream")
+                shot(page, "13-batch-card-pending")
+
+                worked = engine.kick(run_id=batch.pk)  # this process is the worker; the page follows live
+                assert worked.status in RunStatus.finished()
+                for pk in good:
+                    expect(card.get_by_test_id(f"batch-item-{pk}")).to_have_attribute("data-state", "succeeded")
+                failed_tile = card.get_by_test_id(f"batch-item-{broken.pk}")
+                expect(failed_tile).to_have_attribute("data-state", "failed")
+                code = AdminTaskItem.objects.get(run=batch, item_id=broken.pk).last_error_code
+                assert code and code in failed_tile.get_attribute("title")  # the error on hover
+                failed_tile.click()
+                detail = card.get_by_test_id(f"batch-item-detail-{batch.pk}")
+                expect(detail).to_be_visible()
+                expect(detail).to_contain_text(code)
+                expect(card.get_by_test_id(f"batch-status-{batch.pk}")).to_have_text(worked.status)
+                expect(card.get_by_test_id(f"batch-item-{good[0]}").locator("img")).to_have_count(1)  # its thumbnail
+
+                delivery = card.get_by_test_id(f"delivery-{batch.pk}-1")
+                expect(delivery).to_be_visible()
+                deadline = time.monotonic() + 20
+                while len(receiver.received) < 2 and time.monotonic() < deadline:
+                    engine.finishes_process(run_id=batch.pk)  # the retry after the receiver's 500
+                    time.sleep(0.3)
+                expect(delivery).to_have_attribute("data-state", "delivered", timeout=15_000)
+                expect(delivery).to_contain_text("HTTP 204")
+                shot(page, "14-batch-card-finished")
+
+                # A batch starts from the page while the library run is active.
+                pre.get_by_test_id("scope-image_ids").check()
+                pre.get_by_test_id("ids").fill(str(good[1]))
+                expect(pre.get_by_test_id("count")).to_have_text("1")
+                expect(pre.get_by_test_id("start")).to_be_enabled()
+                pre.get_by_test_id("start").click()
+                second = pre.locator(".tp-batch").first
+                expect(second).not_to_have_attribute("data-run-id", str(batch.pk))
+                expect(second.locator(".tp-tile")).to_have_count(1)
+            finally:
+                chromium.close()
+    finally:
+        receiver.close()
+    assert js_errors == [], js_errors
+    assert len(receiver.received) == 2
+    started = AdminTaskRun.objects.filter(kind="batch").exclude(pk=batch.pk).get()
+    assert started.scope["image_ids"] == [good[1]] and started.status == RunStatus.QUEUED
+    assert AdminTaskRun.objects.get(pk=library.pk).status == RunStatus.QUEUED

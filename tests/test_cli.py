@@ -429,3 +429,72 @@ def test_backfill_flags_follow_the_scope_fields(photos):
     assert code == 0 and "2 items would be processed" in out  # never attempted: not the failed one
     code, out, _ = command("preprocess_backfill", "--failed-only", "--dry-run")
     assert code == 0 and "1 items would be processed" in out
+
+
+# --- batches (--ids): their own run, a table of items, exit 1 on a failed item -----------------
+
+
+def table_rows(out: str, run_id: int) -> list[list[str]]:
+    """The rows of the item table printed for run ``run_id`` (header first)."""
+    lines = out.splitlines()
+    start = lines.index(f"Items of run #{run_id} (in the order given):") + 1
+    rows = []
+    for line in lines[start:]:
+        if not line.startswith("  ") or line.strip().endswith("were not processed."):
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_ids_create_their_own_run_beside_active_runs_and_print_an_item_table():
+    from tests.engine_support import TEST_BATCH_TASK_KEY
+
+    a, b, c = make_images(3)
+    library = engine.create(task_key=TEST_BATCH_TASK_KEY, scope={})
+    other = engine.create(task_key=TEST_BATCH_TASK_KEY, scope={"image_ids": [c.pk]})
+    code, out, err = run(TEST_BATCH_TASK_KEY, scope={"image_ids": [b.pk, 987654321, a.pk, b.pk]})
+    assert code == 0, out + err
+    assert "Adopting" not in out
+    mine = AdminTaskRun.objects.exclude(pk__in=[library.pk, other.pk]).get()
+    assert mine.scope["image_ids"] == [b.pk, 987654321, a.pk] and mine.status == RunStatus.SUCCEEDED
+    assert f"Created run #{mine.pk}" in out
+    rows = table_rows(out, mine.pk)
+    assert rows[0] == ["id", "state", "error", "seconds"]
+    assert [r[:3] for r in rows[1:]] == [
+        [str(b.pk), "succeeded", "-"],
+        ["987654321", "missing", "-"],
+        [str(a.pk), "succeeded", "-"],
+    ]
+    assert float(rows[1][3]) >= 0 and rows[2][3] == "-"
+    assert "1 ids did not exist" in out
+    library.refresh_from_db()
+    assert library.status == RunStatus.QUEUED and library.processed == 0  # left alone
+
+
+def test_a_batch_with_a_failed_item_exits_1_after_its_table():
+    from tests.engine_support import TEST_BATCH_TASK_KEY
+
+    ok, bad = make_images(2, titles={1: "fail-always"})
+    code, out, _ = run(TEST_BATCH_TASK_KEY, scope={"image_ids": [bad.pk, ok.pk]})
+    assert code == 1
+    mine = AdminTaskRun.objects.get()
+    assert mine.status == RunStatus.SUCCEEDED and (mine.succeeded, mine.failed) == (1, 1)
+    rows = table_rows(out, mine.pk)
+    assert [r[:3] for r in rows[1:]] == [[str(bad.pk), "failed", "boom"], [str(ok.pk), "succeeded", "-"]]
+    assert f"item {bad.pk}: process/boom - this item always fails (after 3 attempts)" in out
+
+
+def test_preprocess_backfill_ids_never_adopts_the_backfill(photos, media_root):
+    (media_root / "originals").mkdir(exist_ok=True)
+    shutil.copy(CORPUS / "bad" / "truncated_photo.jpg", media_root / "originals" / "broken.jpg")
+    broken = Image.objects.create(original="originals/broken.jpg", image_key="variants/" + "c" * 32, title="broken")
+    backfill = engine.create(task_key="preprocess-images", scope={})
+    code, out, err = command("preprocess_backfill", "--ids", f"{photos[0].pk},{broken.pk}")
+    assert code == 1, out + err  # an item failed
+    assert "Adopting" not in out
+    mine = AdminTaskRun.objects.exclude(pk=backfill.pk).get()
+    rows = table_rows(out, mine.pk)
+    assert [r[:2] for r in rows[1:]] == [[str(photos[0].pk), "succeeded"], [str(broken.pk), "failed"]]
+    assert rows[2][2] == AdminTaskItem.objects.get(run=mine, item_id=broken.pk).last_error_code != ""
+    backfill.refresh_from_db()
+    assert backfill.status == RunStatus.QUEUED and backfill.processed == 0

@@ -32,6 +32,7 @@ class Event:
     at: float
     name: str
     data: dict = field(default_factory=dict)
+    id: str | None = None  # the SSE id: line, if the event had one
 
 
 class EventReader:
@@ -45,7 +46,7 @@ class EventReader:
         self.thread.start()
 
     def _read(self) -> None:
-        name, data = "message", []
+        name, data, event_id = "message", [], None
         try:
             while True:
                 raw = self.response.readline()
@@ -54,14 +55,16 @@ class EventReader:
                 line = raw.decode().rstrip("\r\n")
                 if line.startswith(":"):
                     self.comments.append(line)
+                elif line.startswith("id:"):
+                    event_id = line[3:].strip()
                 elif line.startswith("event:"):
                     name = line[6:].strip()
                 elif line.startswith("data:"):
                     data.append(line[5:].strip())
                 elif line == "":
                     if data:
-                        self.events.put(Event(time.monotonic(), name, json.loads("\n".join(data))))
-                    name, data = "message", []
+                        self.events.put(Event(time.monotonic(), name, json.loads("\n".join(data)), event_id))
+                    name, data, event_id = "message", [], None
         except (OSError, ValueError, AttributeError):  # hung up / closed under us
             pass
         finally:
@@ -71,12 +74,16 @@ class EventReader:
         return self.events.get(timeout=timeout)
 
 
-def open_stream(base_url: str, path: str, token: str | None) -> http.client.HTTPResponse:
+def open_stream(
+    base_url: str, path: str, token: str | None, *, last_event_id: str | None = None
+) -> http.client.HTTPResponse:
     parts = urlsplit(base_url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=20)
     headers = {"Accept": "text/event-stream"}
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    if last_event_id is not None:
+        headers["Last-Event-ID"] = last_event_id
     conn.request("GET", path, headers=headers)
     return conn.getresponse()
 
@@ -252,3 +259,144 @@ def test_stream_that_sees_the_end_in_a_snapshot_still_sends_the_status(live, sta
         tail.append(event)
     assert [e.name for e in tail] == ["progress", "status", "snapshot"]
     assert tail[1].data["status"] == tail[2].data["status"] == "succeeded"
+
+
+# --- batch runs: item events, the items snapshot, Last-Event-ID ------------------------------
+
+
+def batch_images(n: int, media_root: Path) -> list[int]:
+    ids = []
+    for image in make_images(n):
+        path = media_root / image.original.name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        PILImage.new("RGB", (64, 48), (10, 200, 30)).save(path, "JPEG")
+        ids.append(image.pk)
+    return ids
+
+
+def table_events(run_id: int, after: int = 0) -> list[tuple[int, int, str]]:
+    from tasks.models import AdminTaskEvent
+
+    rows = AdminTaskEvent.objects.filter(run_id=run_id, pk__gt=after).order_by("pk")
+    return [(e.pk, e.item_id, e.data["state"]) for e in rows]
+
+
+def read_until_end(reader: EventReader) -> list[Event]:
+    events = []
+    while (event := reader.next(timeout=15)) is not None:
+        events.append(event)
+    return events
+
+
+def test_a_late_subscriber_of_a_batch_gets_every_item_in_a_snapshot(live, staff_user, media_root, local_storage):
+    ids = batch_images(15, media_root)
+    requested = [ids[3], 987654321, *ids[:3], *ids[4:]]
+    run = engine.create(task_key="metadata-refresh", scope={"image_ids": requested})
+    engine.kick(run_id=run.pk, max_batches=1)  # 10 of 15 done before anyone listens
+    token = api_token_create(user=staff_user, name="sse")[1]
+    reader = EventReader(open_stream(live, f"{META}/runs/{run.pk}/events", token))
+    assert reader.next().name == "snapshot"
+    snapshot = reader.next()
+    assert snapshot.name == "items"
+    last = table_events(run.pk)[-1][0]
+    assert snapshot.id == str(last) and snapshot.data["last_event_id"] == last
+    items = snapshot.data["items"]
+    assert [i["item_id"] for i in items] == requested  # submission order, the missing id in place
+    assert [i["position"] for i in items] == list(range(16))
+    states = [i["state"] for i in items]
+    assert states[1] == "missing"
+    assert sorted(states) == sorted(["missing"] + ["succeeded"] * 10 + ["pending"] * 5)
+    # Then live: the rest of the items, each change an item event with its table id.
+    engine.kick(run_id=run.pk)
+    events = read_until_end(reader)
+    live_items = [(int(e.id), e.data["item"]["item_id"], e.data["item"]["state"]) for e in events if e.name == "item"]
+    assert live_items == table_events(run.pk, after=last)
+    assert [e.data["item"]["state"] for e in events if e.name == "item"].count("succeeded") == 5
+    assert events[-1].name == "snapshot" and events[-1].data["status"] == "succeeded"
+
+
+def test_a_reconnect_with_last_event_id_gets_every_item_change_it_missed(live, staff_user, media_root, local_storage):
+    ids = batch_images(25, media_root)  # metadata-refresh claims 10 a batch
+    run = engine.create(task_key="metadata-refresh", scope={"image_ids": ids})
+    token = api_token_create(user=staff_user, name="sse")[1]
+    first = open_stream(live, f"{META}/runs/{run.pk}/events", token)
+    reader = EventReader(first)
+    assert reader.next().name == "snapshot"
+    items = reader.next()
+    assert items.name == "items" and {i["state"] for i in items.data["items"]} == {"pending"}
+    engine.kick(run_id=run.pk, max_batches=1)
+    seen = []
+    while len(seen) < 7:  # the client has some of this batch's changes, then loses its connection
+        event = reader.next()
+        assert event is not None
+        if event.name == "item":
+            seen.append(event)
+    first.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+    assert [int(e.id) for e in seen] == [row[0] for row in table_events(run.pk)[:7]]
+
+    engine.kick(run_id=run.pk, max_batches=1)  # changes while it is away
+    second = EventReader(open_stream(live, f"{META}/runs/{run.pk}/events", token, last_event_id=seen[-1].id))
+    assert second.next().name == "snapshot"
+    replayed = []
+    missed = table_events(run.pk, after=int(seen[-1].id))
+    while len(replayed) < len(missed):
+        event = second.next()
+        assert event is not None and event.name == "item", event
+        replayed.append((int(event.id), event.data["item"]["item_id"], event.data["item"]["state"]))
+    assert replayed == missed  # every change it missed, in order, before anything live
+    engine.kick(run_id=run.pk)  # the rest, live
+    rest = [e for e in read_until_end(second) if e.name == "item"]
+    received = [int(e.id) for e in seen] + [r[0] for r in replayed] + [int(e.id) for e in rest]
+    assert received == [row[0] for row in table_events(run.pk)]  # all of them, none twice
+    states = {}
+    for event in rest:
+        states[event.data["item"]["item_id"]] = event.data["item"]["state"]
+    assert len(states) == 5 and set(states.values()) == {"succeeded"}
+
+
+def test_a_bad_last_event_id_is_a_400(live, staff_user, media_root, local_storage):
+    ids = batch_images(1, media_root)
+    run = engine.create(task_key="metadata-refresh", scope={"image_ids": ids})
+    token = api_token_create(user=staff_user, name="sse")[1]
+    response = open_stream(live, f"{META}/runs/{run.pk}/events", token, last_event_id="abc")
+    assert response.status == 400
+    assert json.loads(response.read())["error"]["details"] == {"field": "Last-Event-ID"}
+
+
+def test_after_a_resync_a_batch_stream_replays_the_item_changes_it_missed(media_root, local_storage):
+    """NOTIFYs lost (the hub reconnected, or the client's queue overflowed: RESYNC): the
+    stream reads every item change after the last one it sent from the table."""
+    import asyncio
+
+    from api.tasks import events as sse
+    from tasks.notify_hub import RESYNC
+
+    ids = batch_images(12, media_root)
+    run = engine.create(task_key="metadata-refresh", scope={"image_ids": ids})
+
+    class Deaf:  # a subscription whose NOTIFYs all get lost
+        queue: asyncio.Queue
+
+        def close(self) -> None:
+            pass
+
+    async def scenario() -> list[bytes]:
+        sub = Deaf()
+        sub.queue = asyncio.Queue()
+        stream = sse._run_events(run_id=run.pk, subscription=sub, batch=True)
+        chunks = [await stream.__anext__() for _ in range(3)]  # retry, run snapshot, items snapshot
+        await asyncio.to_thread(engine.kick, run_id=run.pk)  # every change happens unheard
+        sub.queue.put_nowait(RESYNC)
+        chunks += [chunk async for chunk in stream]
+        return chunks
+
+    chunks = asyncio.run(scenario())
+    assert chunks[2].startswith(b"id: 0\nevent: items\n")
+    sent = [
+        (int(chunk.split(b"\n")[0][4:]), json.loads(chunk.split(b"\ndata: ")[1])["item"]["state"])
+        for chunk in chunks[3:]
+        if b"\nevent: item\n" in chunk
+    ]
+    assert sent == [(pk, state) for pk, _, state in table_events(run.pk)]  # all, in order, once
+    assert len(sent) == 24
+    assert b'"status":"succeeded"' in chunks[-1]  # then the final snapshot

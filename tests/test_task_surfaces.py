@@ -53,7 +53,7 @@ def probe(monkeypatch):
 
 def test_the_test_task_has_api_routes(api):
     make_images(2)
-    assert api.get(f"{BASE}/runs").json() == {"active": None, "recent": []}
+    assert api.get(f"{BASE}/runs").json() == {"active": [], "recent": []}
     assert api.get(f"{BASE}/preview-count").json()["count"] == 2
     created = api.post(f"{BASE}/runs", {"scope": {}}, content_type="application/json")
     assert created.status_code == 201, created.content

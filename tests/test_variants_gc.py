@@ -469,7 +469,7 @@ def test_the_admin_page_has_a_card_for_it(staff_client, local_storage):
 
 def test_the_api_serves_its_routes(staff_client, local_storage):
     assert staff_client.get(f"{PREFIX}/preview-count").status_code == 200
-    assert staff_client.get(f"{PREFIX}/runs").json() == {"active": None, "recent": []}
+    assert staff_client.get(f"{PREFIX}/runs").json() == {"active": [], "recent": []}
     response = staff_client.post(f"{PREFIX}/runs", {"scope": {"bogus": True}}, content_type="application/json")
     assert response.status_code == 400 and response.json()["error"]["details"] == {"field": "bogus"}
 

@@ -20,17 +20,18 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import DatabaseError, InterfaceError, close_old_connections, connection
+from django.db import DatabaseError, InterfaceError, close_old_connections, connection, transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from psycopg.conninfo import make_conninfo
 
 from api.auth import api_authorize
-from api.errors import ApiError, api_error
+from api.errors import ApiError, api_error, bad_request
 from api.http import method_not_allowed
+from api.schemas import MAX_BIGINT
 from api.tasks.access import VIEW, run_of_task
 from api.tasks.schemas import run_json
-from tasks import engine
-from tasks.models import AdminTaskRun, RunStatus
+from tasks import engine, selectors
+from tasks.models import AdminTaskRun, RunKind, RunStatus
 from tasks.notify_hub import (
     RESYNC,
     EventsUnavailable,
@@ -52,6 +53,8 @@ class _StreamStart:
     refusal: JsonResponse | None = None
     conninfo: str = ""
     user_key: Any = None
+    batch: bool = False  # a batch run: item events, an items snapshot, Last-Event-ID
+    last_event_id: int | None = None  # the client's Last-Event-ID (header or ?last_event_id=)
 
 
 # OPTIONS keys that Django or psycopg.connect consume: not libpq conninfo parameters.
@@ -86,17 +89,76 @@ def _listen_conninfo() -> str:
 def _stream_start(request: HttpRequest, *, task_key: str, run_id: int) -> _StreamStart:
     try:
         api_authorize(request, access=VIEW)
-        run_of_task(task_key=task_key, run_id=run_id)
+        run = run_of_task(task_key=task_key, run_id=run_id)
+        last_event_id = _last_event_id(request)
     except ApiError as exc:
         return _StreamStart(refusal=exc.response())
     except engine.EngineError as exc:
         return _StreamStart(refusal=api_error(exc.http_status, exc.code, exc.message, exc.details))
-    start = _StreamStart(conninfo=_listen_conninfo(), user_key=request.user.pk)
+    start = _StreamStart(
+        conninfo=_listen_conninfo(),
+        user_key=request.user.pk,
+        batch=run.kind == RunKind.BATCH,
+        last_event_id=last_event_id,
+    )
     if not connection.in_atomic_block:
         # This request's thread would hold its connection for the whole stream (up to
         # SSE_MAX_STREAM_S); the stream reads through the snapshot threads instead.
         connection.close()
     return start
+
+
+def _last_event_id(request: HttpRequest) -> int | None:
+    """The client's Last-Event-ID: the header a reconnecting EventSource sends, or the
+    ``last_event_id`` query parameter (a page that opens a new EventSource itself)."""
+    raw = request.headers.get("Last-Event-ID")
+    name = "Last-Event-ID"
+    if raw is None:
+        raw, name = request.GET.get("last_event_id"), "last_event_id"
+    if raw is None or raw.strip() == "":
+        return None
+    raw = raw.strip()
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_BIGINT:
+        raise bad_request("invalid_parameter", f"{name} must be an event id (a non-negative integer).", field=name)
+    return int(raw)
+
+
+def _item_event(run_id: int, event_id: int, item: dict[str, Any]) -> dict[str, Any]:
+    """An item event as the stream sends it (the same shape as the engine's NOTIFY)."""
+    return {"run": run_id, "event": "item", "id": event_id, "item": item}
+
+
+def _items_snapshot_read(run_id: int) -> dict[str, Any]:
+    """Every item of a batch run and the id of the last event they reflect, read in one
+    REPEATABLE READ snapshot: events commit in id order per run (under the run's lock), so
+    the items show exactly the events up to that id and none after."""
+    close_old_connections()
+    try:
+        with transaction.atomic():
+            with connection.cursor() as cur:
+                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            last = selectors.run_last_event_id(run_id=run_id)
+            items = [engine.item_json(row) for row in selectors.run_items_all(run_id=run_id)]
+        return {"run": run_id, "event": "items", "last_event_id": last, "items": items}
+    finally:
+        close_old_connections()
+
+
+def _events_after_read(run_id: int, after: int) -> list[dict[str, Any]]:
+    """The run's item events after ``after``, in order (a replay; at most SSE_REPLAY_CHUNK)."""
+    close_old_connections()
+    try:
+        return [
+            _item_event(run_id, event.pk, event.data)
+            for event in selectors.run_events_after(run_id=run_id, after=after, limit=SSE_REPLAY_CHUNK)
+        ]
+    finally:
+        close_old_connections()
+
+
+SSE_REPLAY_CHUNK = 1000
+_items_snapshot = sync_to_async(_items_snapshot_read, thread_sensitive=False, executor=_snapshot_executor)
+_events_after = sync_to_async(_events_after_read, thread_sensitive=False, executor=_snapshot_executor)
 
 
 def _run_snapshot(run_id: int) -> dict[str, Any] | None:
@@ -113,18 +175,55 @@ def _run_snapshot(run_id: int) -> dict[str, Any] | None:
 _snapshot = sync_to_async(_run_snapshot, thread_sensitive=False, executor=_snapshot_executor)
 
 
-def _sse(event: str, data: Any) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n".encode()
+def _sse(event: str, data: Any, *, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n".encode()
 
 
-async def _run_events(*, run_id: int, subscription: Subscription) -> AsyncIterator[bytes]:
+class _ItemEvents:
+    """A batch run's item events on one stream: each sent once, in id order, none missed.
+
+    ``sent`` is the highest event id the client has (from its Last-Event-ID, the items
+    snapshot or an event sent). Everything after it is read from the table (``catch_up``:
+    on connect, after a RESYNC, before the stream ends); NOTIFYs at or below it are
+    duplicates of what was read and are dropped."""
+
+    def __init__(self, run_id: int):
+        self.run_id = run_id
+        self.sent = 0
+
+    async def catch_up(self) -> AsyncIterator[bytes]:
+        while True:
+            events = await _events_after(self.run_id, self.sent)
+            for event in events:
+                yield self.send(event)
+            if len(events) < SSE_REPLAY_CHUNK:
+                return
+
+    def send(self, event: dict[str, Any]) -> bytes:
+        self.sent = event["id"]
+        return _sse("item", event, event_id=event["id"])
+
+    def fresh(self, payload: dict[str, Any]) -> bool:
+        return isinstance(payload.get("id"), int) and payload["id"] > self.sent
+
+
+async def _run_events(
+    *, run_id: int, subscription: Subscription, batch: bool = False, last_event_id: int | None = None
+) -> AsyncIterator[bytes]:
     """snapshot, then item/status events as NOTIFYs arrive (from any host), a fresh
     snapshot at most every 0.5 s while events flow (and after the hub had to
     reconnect), keepalives; ends when the run finishes (after a final snapshot) or
-    after SSE_MAX_STREAM_S. The hub was LISTENing before this starts."""
+    after SSE_MAX_STREAM_S. The hub was LISTENing before this starts.
+
+    A batch run's stream also sends, after the run snapshot, an ``items`` snapshot (every
+    item, its SSE id the last event it reflects) or, for a client that gives its
+    Last-Event-ID, every item event after that id; then an ``item`` event (SSE id = the
+    event's) for every item state change."""
     finished = set(RunStatus.finished())
     inbox = subscription.queue
     getter: asyncio.Task | None = None
+    items = _ItemEvents(run_id) if batch else None
     try:
         # Snapshot only after LISTEN: no change can fall between the two.
         state = await _snapshot(run_id)
@@ -133,6 +232,16 @@ async def _run_events(*, run_id: int, subscription: Subscription) -> AsyncIterat
             yield _sse("status", {"run": run_id, "event": "status", "status": "gone"})
             return
         yield _sse("snapshot", state)
+        if items is not None:
+            # Read after LISTEN too: a change is in what is read here or comes as a NOTIFY.
+            if last_event_id is None:
+                snapshot = await _items_snapshot(run_id)
+                items.sent = snapshot["last_event_id"]
+                yield _sse("items", snapshot, event_id=snapshot["last_event_id"])
+            else:
+                items.sent = last_event_id
+                async for chunk in items.catch_up():
+                    yield chunk
         if state["status"] in finished:
             return
         now = time.monotonic()
@@ -157,6 +266,15 @@ async def _run_events(*, run_id: int, subscription: Subscription) -> AsyncIterat
                 if payload is RESYNC:
                     resync = True
                     continue
+                if payload["event"] == "item":
+                    if items is None or not items.fresh(payload):
+                        continue
+                    if payload["item"].get("truncated"):
+                        async for chunk in items.catch_up():  # the whole item is in the table
+                            yield chunk
+                    else:
+                        yield items.send(payload)
+                    continue  # item events do not call for a run snapshot
                 yield _sse(payload["event"], payload)
                 dirty = True
                 if payload["event"] == "status" and payload.get("status") in finished:
@@ -164,6 +282,10 @@ async def _run_events(*, run_id: int, subscription: Subscription) -> AsyncIterat
                     break
             now = time.monotonic()
             if run_done or resync or (dirty and now - last_snapshot >= SSE_SNAPSHOT_EVERY_S):
+                if items is not None:
+                    # NOTIFYs may have been lost (resync), or come after the run's end.
+                    async for chunk in items.catch_up():
+                        yield chunk
                 state = await _snapshot(run_id)
                 if state is None:
                     return
@@ -222,7 +344,7 @@ async def run_events(request: HttpRequest, *, task_key: str, run_id: int) -> Htt
     except BaseException:  # cancelled: the client left while we waited
         subscription.close()
         raise
-    stream = _run_events(run_id=run_id, subscription=subscription)
+    stream = _run_events(run_id=run_id, subscription=subscription, batch=start.batch, last_event_id=start.last_event_id)
     # If the response is dropped before streaming starts (client gone), the generator
     # never runs its finally: give the slot back when it is collected.
     weakref.finalize(stream, subscription.close)

@@ -30,9 +30,9 @@ from api.tasks import events
 from api.tasks import schemas as s
 from api.tasks.access import CONTROL, TICK, VIEW, run_of_task
 from dispatch.qstash import dispatch_is_qstash
-from tasks import engine, registry
+from tasks import engine, registry, selectors
 from tasks.jobs import start_run_drains
-from tasks.models import RunStatus
+from tasks.models import ItemState, RunKind, RunStatus
 from tasks.push import push_item_deliver, push_tick
 from tasks.registry import TaskDefinition
 
@@ -94,26 +94,42 @@ def task_router(defn: TaskDefinition) -> Router:
         given = scope.model_dump(exclude_unset=True) if scope is not None else {}  # None: a task without fields
         return s.preview_out(engine.preview_count(task_key=key, scope=given))
 
+    def thumbnails_of(ids: list[int]) -> dict[int, str]:
+        return defn.item_thumbnail_urls(ids) if defn.item_thumbnail_urls is not None and ids else {}
+
     def runs_list(request: HttpRequest) -> s.RunList:
         runs = engine.list_runs(task_key=key, limit=10)
-        prefetch_related_objects([r for r in [runs["active"], *runs["recent"]] if r is not None], "created_by")
-        return s.run_list_out(active=runs["active"], recent=runs["recent"])
+        prefetch_related_objects([*runs["active_runs"], *runs["recent"]], "created_by")
+        return s.run_list_out(active=runs["active_runs"], recent=runs["recent"])
 
     def runs_create(request: HttpRequest, response: HttpResponse, *, body: BaseModel) -> Status:
         data = body.model_dump(exclude_unset=True)
-        run = engine.create(task_key=key, scope=data["scope"], budget=data.get("budget"), user=request.user)
+        run = engine.create(
+            task_key=key,
+            scope=data["scope"],
+            budget=data.get("budget"),
+            user=request.user,
+            callback_url=data.get("callback_url") or "",
+        )
         start_run_drains(run_id=run.pk)
         response["Location"] = f"{request.path.rstrip('/')}/{run.pk}"
-        return Status(201, s.run_out(run))
+        missing = selectors.run_item_ids_in_state(run=run, state=ItemState.MISSING) if run.kind == RunKind.BATCH else []
+        return Status(201, s.run_created_out(run=run, missing=missing))
 
     def run_detail(request: HttpRequest, *, run_id: int) -> s.RunDetail:
         run_of_task(task_key=key, run_id=run_id)
         found = engine.detail(run_id=run_id, task_key=key)
         run, items = found["run"], found["items"]
         prefetch_related_objects([run], "created_by")
-        ids = [item.item_id for item in items]
-        thumbnails = defn.item_thumbnail_urls(ids) if defn.item_thumbnail_urls is not None and ids else {}
-        return s.run_detail_out(run=run, items=items, thumbnails=thumbnails)
+        thumbnails = thumbnails_of([item.item_id for item in items])
+        return s.run_detail_out(run=run, items=items, thumbnails=thumbnails, finishes=found["finishes"])
+
+    def run_items(
+        request: HttpRequest, *, run_id: int, state: s.ItemStateFilter | None, after: int | None, limit: int
+    ) -> s.ItemPage:
+        run_of_task(task_key=key, run_id=run_id)
+        page = engine.items_page(run_id=run_id, task_key=key, state=state, after=after, limit=limit)
+        return s.item_page_out(page=page, thumbnails=thumbnails_of([row.item_id for row in page["items"]]))
 
     def run_kick(request: HttpRequest, *, run_id: int) -> s.Run:
         run = run_of_task(task_key=key, run_id=run_id)
@@ -150,7 +166,14 @@ def task_router(defn: TaskDefinition) -> Router:
         outcome; as workers on any host fold their checkpoints into the run: each failure, each batch end,
         at least every 0.5 s) and `event: status`, a fresh snapshot at most every 0.5 s, `: keepalive`
         comments every 15 s. Ends after the run finishes (final snapshot) or after 10 minutes; clients
-        reconnect, or poll GET runs/{run_id}."""
+        reconnect, or poll GET runs/{run_id}.
+
+        Batch runs also stream their items: after the run snapshot `event: items` (every item in submission
+        order; its `id:` and `last_event_id` the last change it reflects), then `event: item` (`id:` = the
+        change's event id; data `{"run", "id", "item": {item_id, position, state, attempts, next_attempt_at,
+        error, started_at, finished_at, seconds, bytes, result}}`) for every item state change. A client that
+        reconnects with the `Last-Event-ID` header (or `?last_event_id=`) gets, instead of the items snapshot,
+        every change after that id, in order, before the live ones: none missed, none twice."""
 
     def tick(request: HttpRequest, **signature_headers: str | None) -> s.TickResult:
         """Staff (bearer token, or session + CSRF) or an HMAC-signed request: X-Picsite-Signature =
@@ -183,13 +206,21 @@ def task_router(defn: TaskDefinition) -> Router:
     route("GET", "/preview-count", "preview-count", f"How many items a {key} run with this scope would process, "
           "and its cost.", auth=view, **responses(200, s.Preview, 400))(
         _signed(preview_count, scope=(Query[scope_query], None)))  # fmt: skip
-    route("GET", "/runs", "runs-list", "The active run (if any) and the 10 most recent runs.", auth=view,
-          **responses(200, s.RunList))(runs_list)  # fmt: skip
-    route("POST", "/runs", "runs-create", "Start a run (queued; django-q2 workers or kicks drive it).", auth=control,
-          **responses(201, s.Run, 400, 409, 413, 422))(
+    route("GET", "/runs", "runs-list", "Every active run (batch runs first, then the library run) and the 10 most "
+          "recent runs.", auth=view, **responses(200, s.RunList))(runs_list)  # fmt: skip
+    route("POST", "/runs", "runs-create", "Start a run (queued; django-q2 workers or kicks drive it). Explicit ids "
+          "make a batch run (beside any other run; missing ids and collapsed duplicates are reported); any other "
+          "scope a library run (one active per task: 409).", auth=control,
+          **responses(201, s.RunCreated, 400, 409, 413, 422))(
         _signed(runs_create, response=HttpResponse, body=Body[run_create]))  # fmt: skip
-    route("GET", "/runs/{int:run_id}", "run-detail", "One run with its failed items and throughput timeline.",
-          auth=view, **responses(200, s.RunDetail, 404))(_signed(run_detail, run_id=RunId))  # fmt: skip
+    route("GET", "/runs/{int:run_id}", "run-detail", "One run with its failed items, throughput timeline, finish "
+          "records and their callback deliveries.", auth=view,
+          **responses(200, s.RunDetail, 404))(_signed(run_detail, run_id=RunId))  # fmt: skip
+    route("GET", "/runs/{int:run_id}/items", "run-items", "A run's items, one keyset page at a time: a batch run's "
+          "row per requested item in submission order, a library run's failure ledger by item id.", auth=view,
+          **responses(200, s.ItemPage, 400, 404))(_signed(
+              run_items, run_id=RunId, state=(s.ItemStateFilter | None, Query(None)),
+              after=(s.ItemsAfter | None, Query(None)), limit=(s.ItemsLimit, Query(100))))  # fmt: skip
     actions = (
         ("kick", run_kick, "Work on the run for a few seconds now (or enqueue workers); a finished run is returned as is.", ()),
         ("cancel", run_cancel, "Cancel the run.", (409,)),

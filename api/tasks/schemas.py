@@ -26,7 +26,14 @@ from pydantic_core import PydanticCustomError
 
 from api.schemas import MAX_BIGINT, IsoDateTime, from_object
 from tasks import engine
-from tasks.models import AdminTaskItem, AdminTaskRun, RunStatus
+from tasks.models import (
+    AdminTaskItem,
+    AdminTaskRun,
+    AdminTaskRunFinish,
+    DeliveryState,
+    RunKind,
+    RunStatus,
+)
 from tasks.registry import ScopeField, ScopeFieldType, TaskDefinition
 
 Count = Annotated[int, Field(ge=0)]
@@ -85,6 +92,10 @@ class Issue(BaseModel):
 class Run(BaseModel):
     id: Annotated[int, Field(ge=1)]
     task_key: str
+    kind: RunKind = Field(
+        description="batch: explicit ids, a row per requested item, coexists with other runs; "
+        "library: a scope of the library (one active per task), failures-only bookkeeping."
+    )
     status: RunStatus
     pause_reason: str
     scope: dict[str, Any] = Field(description="The normalized scope (mode and ids).")
@@ -114,16 +125,100 @@ class FailedItem(BaseModel):
     thumbnail_url: str | None
 
 
+class DeliveryAttempt(BaseModel):
+    at: str
+    status: int | None = Field(description="The receiver's HTTP status; null if no answer came.")
+    error: str
+    ms: int
+
+
+class Delivery(BaseModel):
+    """The callback of one finish record (``webhook-id`` = ``id``, the same on every retry)."""
+
+    id: str
+    state: DeliveryState = Field(description="none: the run has no callback_url.")
+    attempts: Count
+    last_status: int | None
+    last_error: str
+    next_attempt_at: IsoDateTime | None
+    delivered_at: IsoDateTime | None
+    log: list[DeliveryAttempt] = Field(description="The last attempts, oldest first.")
+
+
+class Finish(BaseModel):
+    """One terminal transition of the run, recorded once (a run reopened by retry-failed
+    that ends again gets seq 2)."""
+
+    seq: Annotated[int, Field(ge=1)]
+    status: RunStatus
+    at: IsoDateTime
+    counters: dict[str, int]
+    hook_done: bool = Field(description="The task's on_finish hook has run (or it has none).")
+    delivery: Delivery
+
+
 class RunDetail(Run):
     failed_items: list[FailedItem] = Field(description="Items retrying or out of attempts (up to 200).")
     timeline: list[tuple[int | float, int | float]] = Field(
         description="[unix time, processed] samples for a throughput chart."
     )
+    callback_url: str = Field(description="Called back (signed POST) at each finish; empty for none.")
+    finishes: list[Finish]
+
+
+class RunCreated(Run):
+    missing: list[int] | None = Field(
+        None, description="Batch runs: requested ids that do not exist or are deleted (never processed)."
+    )
+    duplicates: list[int] | None = Field(None, description="Batch runs: ids given more than once (kept once).")
 
 
 class RunList(BaseModel):
-    active: Run | None
+    active: list[Run] = Field(
+        description="Every active run of the task: batch runs (newest first), then the library run; at most "
+        "100 (the newest batch runs and the library run). A list since batch runs coexist (was one run or null)."
+    )
     recent: Annotated[list[Run], Field(max_length=10)]
+
+
+class ItemError(BaseModel):
+    code: str
+    stage: str
+    message: str
+
+
+class Item(BaseModel):
+    item_id: int
+    position: int | None = Field(description="Submission order in a batch run; null in a library run's ledger.")
+    state: Literal["pending", "processing", "succeeded", "skipped", "failed", "missing"] = Field(
+        description="pending (also between attempts: see next_attempt_at) -> processing -> succeeded | skipped "
+        "| failed; missing: the id did not exist or was deleted at create."
+    )
+    attempts: Count
+    next_attempt_at: IsoDateTime | None
+    error: ItemError | None = Field(description="The last failure, if any.")
+    started_at: IsoDateTime | None
+    finished_at: IsoDateTime | None
+    seconds: float
+    bytes: Count
+    result: dict[str, Any] | None = Field(description="What the task reports per item (preprocess: served widths, URLs).")
+    thumbnail_url: str | None
+
+
+ItemStateFilter = Literal["pending", "processing", "succeeded", "skipped", "failed", "missing"]
+ItemsAfter = Annotated[int, Field(ge=0, le=MAX_BIGINT, description="The `next` of the previous page.")]
+ItemsLimit = Annotated[int, Field(ge=1, le=500, description="Items per page (default 100).")]
+
+
+class ItemPage(BaseModel):
+    run_id: int
+    kind: RunKind
+    bookkeeping: Literal["items", "failures"] = Field(
+        description="items: a batch run's row per requested item, keyed by position; failures: a library run's "
+        "ledger of items that failed at least once (retrying, failed, or succeeded later), keyed by item id."
+    )
+    items: list[Item]
+    next: int | None = Field(description="Pass as `after` for the next page; null on the last page.")
 
 
 class TickResult(BaseModel):
@@ -148,10 +243,19 @@ class Estimate(BaseModel):
     money: float | None = None
 
 
+class BatchPreview(BaseModel):
+    requested: Count = Field(description="Distinct ids given.")
+    existing: Count
+    missing: Count
+    missing_ids: list[int]
+    duplicates: list[int]
+
+
 class Preview(BaseModel):
     task_key: str
     scope: dict[str, Any]
     count: Count
+    batch: BatchPreview | None = Field(None, description="Explicit ids: how many exist and which are missing.")
     estimate: Estimate
     details: dict[str, Any] | None = Field(
         description="Task-specific figures, null for tasks without them (variants-gc: the objects and bytes "
@@ -194,7 +298,9 @@ def run_json(run: AdminTaskRun) -> dict[str, Any]:
     return run_out(run).model_dump(mode="json", exclude_unset=True)
 
 
-def run_detail_out(*, run: AdminTaskRun, items: list[AdminTaskItem], thumbnails: dict[int, str]) -> RunDetail:
+def run_detail_out(
+    *, run: AdminTaskRun, items: list[AdminTaskItem], thumbnails: dict[int, str], finishes: list[AdminTaskRunFinish]
+) -> RunDetail:
     failed = [
         from_object(
             FailedItem,
@@ -207,21 +313,86 @@ def run_detail_out(*, run: AdminTaskRun, items: list[AdminTaskItem], thumbnails:
         for item in items
     ]
     timeline = [(point[0], point[1]) for point in run.timeline or []]
-    return RunDetail(**dict(run_out(run)), failed_items=failed, timeline=timeline)
+    return RunDetail(
+        **dict(run_out(run)),
+        failed_items=failed,
+        timeline=timeline,
+        callback_url=run.callback_url,
+        finishes=[finish_out(record) for record in finishes],
+    )
 
 
-def run_list_out(*, active: AdminTaskRun | None, recent: list[AdminTaskRun]) -> RunList:
-    return RunList(active=run_or_none_out(active), recent=[run_out(run) for run in recent])
+def run_list_out(*, active: list[AdminTaskRun], recent: list[AdminTaskRun]) -> RunList:
+    return RunList(active=[run_out(run) for run in active], recent=[run_out(run) for run in recent])
+
+
+def run_created_out(*, run: AdminTaskRun, missing: list[int]) -> RunCreated:
+    created = RunCreated(**dict(run_out(run)))
+    if run.kind == RunKind.BATCH:
+        created.missing, created.duplicates = missing, list(run.scope.get("duplicates", []))
+    return created
+
+
+def finish_out(record: AdminTaskRunFinish) -> Finish:
+    log = record.delivery_log or []
+    last = log[-1] if log else {}
+    return Finish(
+        seq=record.seq,
+        status=record.status,
+        at=record.created_at,
+        counters=record.counters,
+        hook_done=record.hook_done_at is not None,
+        delivery=Delivery(
+            id=record.delivery_id,
+            state=record.delivery_state,
+            attempts=record.delivery_attempts,
+            last_status=last.get("status"),
+            last_error=last.get("error") or "",
+            next_attempt_at=record.next_delivery_at,
+            delivered_at=record.delivered_at,
+            log=[DeliveryAttempt(**attempt) for attempt in log],
+        ),
+    )
+
+
+def item_out(row: AdminTaskItem, thumbnail_url: str | None) -> Item:
+    error = (
+        ItemError(code=row.last_error_code, stage=row.last_error_stage, message=row.last_error_message)
+        if row.last_error_code
+        else None
+    )
+    return from_object(
+        Item,
+        row,
+        state=engine.public_state(row.state),
+        error=error,
+        seconds=round(row.seconds, 3),
+        thumbnail_url=thumbnail_url,
+    )
+
+
+def item_page_out(*, page: dict, thumbnails: dict[int, str]) -> ItemPage:
+    run = page["run"]
+    return ItemPage(
+        run_id=run.pk,
+        kind=run.kind,
+        bookkeeping=page["bookkeeping"],
+        items=[item_out(row, thumbnails.get(row.item_id)) for row in page["items"]],
+        next=page["next"],
+    )
 
 
 def preview_out(preview: engine.Preview) -> Preview:
-    return Preview(
+    out = Preview(
         task_key=preview.task_key,
         scope=preview.scope,
         count=preview.count,
         estimate=Estimate(**preview.estimate),
         details=preview.details,
     )
+    if preview.batch is not None:
+        out.batch = BatchPreview(**preview.batch)
+    return out
 
 
 # --- what the routes take -----------------------------------------------------------------------
@@ -235,6 +406,9 @@ class Budget(Strict):
     items: Annotated[StrictInt, Field(ge=1)] | None = None
     seconds: Annotated[StrictInt, Field(gt=0)] | Annotated[StrictFloat, Field(gt=0)] | None = None
     bytes: Annotated[StrictInt, Field(ge=1)] | None = None
+    money: Annotated[StrictInt, Field(gt=0)] | Annotated[StrictFloat, Field(gt=0)] | None = Field(
+        None, description="Spent writes and bytes at PICSITE_PRICE_PER_1K_WRITES / PICSITE_PRICE_PER_GB (needs a price)."
+    )
 
 
 class BudgetChange(Strict):
@@ -268,13 +442,27 @@ def scope_schema(defn: TaskDefinition) -> type[Strict]:
     )
 
 
+CallbackUrl = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=2000,
+        description="Called back at each finish of the run: a signed POST (Standard Webhooks headers webhook-id, "
+        "webhook-timestamp, webhook-signature; secret PICSITE_WEBHOOK_SECRET), retried with backoff until a 2xx, "
+        "webhook-id stable across retries. https to a public address (http and private addresses only for hosts "
+        "in PICSITE_WEBHOOK_ALLOWED_HOSTS); redirects are not followed. 400 invalid_callback_url otherwise.",
+    ),
+]
+
+
 def run_create_schema(defn: TaskDefinition) -> type[Strict]:
-    """The body of ``POST runs``: a scope and an optional budget."""
+    """The body of ``POST runs``: a scope, an optional budget and an optional callback URL."""
     return create_model(  # type: ignore[call-overload]
         _model_name("RunCreate_", defn),
         __base__=Strict,
         scope=(scope_schema(defn), ...),
         budget=(Budget, None),
+        callback_url=(CallbackUrl | None, None),
     )
 
 

@@ -53,13 +53,30 @@ class Preview:
     count: int
     estimate: dict = field(default_factory=dict)
     details: dict | None = None  # the definition's preview_details, if it has them
+    batch: dict | None = None  # explicit ids: requested, existing, missing (and which), duplicates
 
 
 def preview_count(*, task_key: str, scope: Any) -> Preview:
     """How many items the scope covers now, and what processing them would likely cost."""
     defn = definition(task_key)
     normalized = normalize_scope(task_key=task_key, scope=scope)
-    count = defn.scope_queryset(normalized).count()
+    ids = defn.batch_ids(normalized)
+    qs = defn.scope_queryset(normalized)
+    batch = None
+    if ids is not None:
+        # An explicit batch: exactly the ids that exist (as create would count them).
+        existing = set(qs.values_list("pk", flat=True))
+        missing = [i for i in ids if i not in existing]
+        count = len(existing)
+        batch = {
+            "requested": len(ids),
+            "existing": count,
+            "missing": len(missing),
+            "missing_ids": missing,
+            "duplicates": list(normalized.get("duplicates", [])),
+        }
+    else:
+        count = qs.count()
     per = _per_item_cost(defn)
     estimate = {
         "cpu_seconds": round(per["seconds"] * count, 1),
@@ -74,7 +91,7 @@ def preview_count(*, task_key: str, scope: Any) -> Preview:
             4,
         )
     details = defn.preview_details(normalized) if defn.preview_details is not None else None
-    return Preview(task_key=task_key, scope=normalized, count=count, estimate=estimate, details=details)
+    return Preview(task_key=task_key, scope=normalized, count=count, estimate=estimate, details=details, batch=batch)
 
 
 def _per_item_cost(defn: TaskDefinition) -> dict:

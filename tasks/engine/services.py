@@ -178,11 +178,16 @@ def release_worker_batches(*, run_id: int, owner: str) -> None:
 # --- reads that refuse ------------------------------------------------------------------------
 
 
+# At most this many active runs are listed: the newest batch runs and the library run.
+ACTIVE_LISTED_MAX = 100
+
+
 def list_runs(*, task_key: str, limit: int = 10) -> dict:
     definition(task_key)
     return {
         "active": selectors.run_active(task_key=task_key),  # the library run (one at most)
-        "active_runs": selectors.runs_active(task_key=task_key),  # every active run, batches first
+        # Every active run, batches first (at most ACTIVE_LISTED_MAX: the newest batches).
+        "active_runs": selectors.runs_active(task_key=task_key, limit=ACTIVE_LISTED_MAX),
         "recent": selectors.runs_recent(task_key=task_key, limit=limit),
     }
 
@@ -191,4 +196,34 @@ def detail(*, run_id: int, task_key: str | None = None) -> dict:
     run = get_run(run_id)
     if task_key is not None and run.task_key != task_key:
         raise RunNotFound(f"no {task_key} run with id {run_id}")
-    return {"run": run, "items": selectors.run_items_not_succeeded(run=run, limit=200)}
+    return {
+        "run": run,
+        "items": selectors.run_items_not_succeeded(run=run, limit=200),
+        "finishes": selectors.run_finishes(run=run),
+    }
+
+
+ITEMS_PAGE_MAX = 500
+
+
+def items_page(*, run_id: int, task_key: str | None = None, state: str | None = None, after: int | None = None,
+               limit: int = 100) -> dict:
+    """One keyset page of a run's items. Batch runs keep a row per requested item
+    (``bookkeeping`` "items", keyed by submission position); library runs only the ledger of
+    items that failed at least once ("failures", keyed by item id). ``next`` is the
+    ``after`` of the following page, None on the last one."""
+    run = get_run(run_id)
+    if task_key is not None and run.task_key != task_key:
+        raise RunNotFound(f"no {task_key} run with id {run_id}")
+    limit = max(1, min(limit, ITEMS_PAGE_MAX))
+    rows = selectors.run_items_page(run=run, state=state, after=after, limit=limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    batch = run.kind == RunKind.BATCH
+    last = rows[-1] if rows else None
+    return {
+        "run": run,
+        "bookkeeping": "items" if batch else "failures",
+        "items": rows,
+        "next": (last.position if batch else last.item_id) if more and last is not None else None,
+    }

@@ -5,6 +5,10 @@
  * (PICSITE_ADMIN_PAGE_DRIVES_KICKS), it also POSTs runs/<id>/kick about every 4.5 s
  * while a run is active, one at a time. A viewer without the run_tasks permission
  * (data-can-run="false") gets no start/cancel/retry controls and never kicks.
+ * Batch runs (explicit ids; any number beside the library run) each get a card with a tile
+ * per requested item, live from their own EventSource ("items" snapshot, then "item" per
+ * change; the browser's reconnects send Last-Event-ID, so nothing is missed), and their
+ * finish records with the callback deliveries. New batches are found every 5 s.
  * Vanilla JS, no build step.
  */
 (function () {
@@ -17,6 +21,9 @@
   var DETAIL_THROTTLE_MS = 1500;
   var DETAIL_REFRESH_MS = 5000;
   var PREVIEW_DEBOUNCE_MS = 300;
+  var BATCH_DISCOVER_MS = 5000;
+  var DELIVERY_REFRESH_MS = 5000;
+  var ITEM_PAGE = 500;
 
   var root = document.querySelector("[data-testid=tasks-page]");
   if (!root) return;
@@ -159,6 +166,9 @@
     this.previewSeq = 0;
     this.busy = false; // a button request is in flight
     this.liveMode = "—";
+    this.activeRuns = [];
+    this.batches = {}; // run id -> BatchCard
+    this.discoverTimer = null;
   }
 
   Panel.prototype.q = function (role) { return this.section.querySelector("[data-role='" + role + "']"); };
@@ -189,6 +199,7 @@
     }
     this.refreshRuns(true);
     this.schedulePreview(0);
+    this.discoverTimer = setInterval(function () { self.discoverBatches(); }, BATCH_DISCOVER_MS);
   };
 
   // -- scope / preview
@@ -305,7 +316,10 @@
     return api(this.base, "runs").then(
       function (data) {
         self.recent = data.recent || [];
-        self.active = data.active || null;
+        // "active" lists every active run (batches first); the panel follows the library run.
+        self.activeRuns = data.active || [];
+        self.active = self.activeRuns.filter(function (r) { return r.kind !== "batch"; })[0] || null;
+        self.showBatches(self.activeRuns);
         self.renderRecent();
         if (self.active) {
           if (!self.viewed || self.viewed.id === self.active.id || first) self.view(self.active);
@@ -620,6 +634,7 @@
   /** A full run dict (snapshot, detail, kick/cancel/retry answers). */
   Panel.prototype.applyRun = function (run) {
     if (!run || run.id === undefined) return;
+    if (run.kind === "batch") { this.showBatches([run]); return; }
     if (isActive(run)) {
       this.active = run;
       if (!this.viewed || this.viewed.id === run.id) this.view(run);
@@ -703,8 +718,11 @@
     this.section.setAttribute("data-active-run", active ? String(active.id) : "");
     if (!CAN_RUN) return; // no controls rendered
     var start = this.q("start"), cancel = this.q("cancel"), retry = this.q("retry");
-    start.disabled = this.busy || !!active || !this.count || this.count <= 0 || !!this.scopeError;
-    start.title = active ? "Run #" + active.id + " is " + active.status : (this.count === 0 ? "Nothing in scope" : "");
+    var chosen = this.selectedOption();
+    var batch = !!chosen && chosen.getAttribute("data-kind") === "int_list"; // explicit ids: beside any run
+    var blocked = !!active && !batch;
+    start.disabled = this.busy || blocked || !this.count || this.count <= 0 || !!this.scopeError;
+    start.title = blocked ? "Run #" + active.id + " is " + active.status : (this.count === 0 ? "Nothing in scope" : "");
     cancel.disabled = this.busy || !active || ["queued", "running", "paused"].indexOf(active.status) < 0;
     var failed = viewed && viewed.counters ? viewed.counters.failed || 0 : 0;
     retry.disabled = this.busy || !viewed || failed <= 0 || viewed.status === "cancelling" ||
@@ -737,6 +755,11 @@
     this.withBusy(api(this.base, "runs", "POST", body)).then(
       function (data) {
         var run = (data && data.run) || data;
+        if (run && run.kind === "batch") {
+          self.showBatches([run]);
+          if (run.missing && run.missing.length) self.showError("Not found (skipped): " + run.missing.join(", "), true);
+          return;
+        }
         self.viewed = null;
         self.applyRun(run);
         self.refreshRuns(false);
@@ -783,6 +806,325 @@
     box.textContent = "";
   };
 
+  // --- batch runs -------------------------------------------------------------------
+
+  /** Cards for these runs: active batch runs get one (a card already shown is updated). */
+  Panel.prototype.showBatches = function (runs) {
+    var self = this;
+    runs.forEach(function (run) {
+      if (run.kind !== "batch") return;
+      var card = self.batches[run.id];
+      if (card) { card.applyRun(run); return; }
+      if (!isActive(run)) return; // finished before the page saw it: in Recent runs
+      card = self.batches[run.id] = new BatchCard(self, run);
+      card.open();
+    });
+    this.q("batches").hidden = !Object.keys(this.batches).length;
+  };
+
+  Panel.prototype.discoverBatches = function () {
+    var self = this;
+    if (document.hidden) return;
+    api(this.base, "runs").then(function (data) {
+      var active = data.active || [];
+      self.showBatches(active);
+      var library = active.filter(function (r) { return r.kind !== "batch"; })[0];
+      if (library && !self.active) self.refreshRuns(false); // a library run started elsewhere
+    }, function () { /* the next round retries */ });
+  };
+
+  Panel.prototype.dropBatch = function (runId) {
+    var card = this.batches[runId];
+    if (!card) return;
+    card.close();
+    card.node.remove();
+    delete this.batches[runId];
+    this.q("batches").hidden = !Object.keys(this.batches).length;
+  };
+
+  function BatchCard(panel, run) {
+    this.panel = panel;
+    this.run = run;
+    this.tiles = {}; // item id -> tile
+    this.items = {}; // item id -> item dict
+    this.thumbs = {}; // item id -> thumbnail URL
+    this.selected = null;
+    this.es = null;
+    this.pollTimer = null;
+    this.kickTimer = null;
+    this.deliveryTimer = null;
+    this.closed = false;
+    var self = this, id = run.id;
+    this.statusEl = el("span", { class: "tp-status", "data-testid": "batch-status-" + id });
+    this.countsEl = el("span", { class: "tp-help", "data-testid": "batch-counts-" + id });
+    this.liveEl = el("span", { class: "tp-help", "data-testid": "batch-live-" + id, text: "connecting" });
+    var dismiss = el("button", { type: "button", class: "button tp-dismiss", "data-testid": "batch-dismiss-" + id,
+      text: "Dismiss", hidden: "hidden" });
+    dismiss.addEventListener("click", function () { panel.dropBatch(id); });
+    this.dismissEl = dismiss;
+    this.grid = el("div", { class: "tp-batch-grid", "data-testid": "batch-grid-" + id, role: "list" });
+    this.detailEl = el("p", { class: "tp-tile-detail", "data-testid": "batch-item-detail-" + id, hidden: "hidden" });
+    this.deliveriesEl = el("div", { class: "tp-deliveries", "data-testid": "batch-deliveries-" + id });
+    this.node = el("div", { class: "tp-batch", "data-testid": "batch-" + id, "data-run-id": String(id) }, [
+      el("div", { class: "tp-batch-head" }, [
+        el("strong", { text: "Batch #" + id }), this.statusEl, this.countsEl, this.liveEl, dismiss,
+      ]),
+      this.grid, this.detailEl, this.deliveriesEl,
+    ]);
+    panel.q("batch-list").prepend(this.node);
+    this.applyRun(run);
+  }
+
+  BatchCard.prototype.open = function () {
+    var self = this;
+    this.loadThumbnails(null);
+    this.loadDeliveries();
+    this.openStream();
+    if (DRIVES_KICKS && CAN_RUN) this.scheduleKick(0);
+  };
+
+  BatchCard.prototype.close = function () {
+    this.closed = true;
+    if (this.es) { this.es.close(); this.es = null; }
+    clearTimeout(this.pollTimer);
+    clearTimeout(this.kickTimer);
+    clearTimeout(this.deliveryTimer);
+    clearTimeout(this.thumbTimer);
+  };
+
+  BatchCard.prototype.applyRun = function (run) {
+    if (!run || run.id !== this.run.id) return;
+    this.run = Object.assign({}, this.run, run);
+    run = this.run;
+    var c = run.counters || {};
+    this.node.setAttribute("data-status", run.status);
+    this.statusEl.textContent = run.status;
+    this.statusEl.className = "tp-status tp-status-" + run.status;
+    var parts = [fmtInt(c.processed) + " / " + fmtInt(c.total) + " done"];
+    if (c.failed) parts.push(fmtInt(c.failed) + " failed");
+    var missing = Object.keys(this.items).filter(function (k) { return this.items[k].state === "missing"; }, this).length;
+    if (missing) parts.push(missing + " missing");
+    this.countsEl.textContent = parts.join(" · ");
+    if (isFinished(run) && !this.finishedSeen) {
+      this.finishedSeen = true;
+      this.dismissEl.hidden = false;
+      if (this.es) { this.es.close(); this.es = null; } // else the browser reconnects to a finished run
+      this.setLive("finished");
+      clearTimeout(this.kickTimer);
+      this.loadDeliveries();
+      this.loadThumbnails(null); // tiles of items that became ready get their thumbnail
+      this.panel.refreshRuns(false);
+    }
+  };
+
+  /** An item finished well: its thumbnail may exist now (fetched at most every 3 s). */
+  BatchCard.prototype.thumbsLater = function () {
+    var self = this;
+    if (this.thumbTimer || this.closed) return;
+    this.thumbTimer = setTimeout(function () { self.thumbTimer = null; self.loadThumbnails(null); }, 3000);
+  };
+
+  BatchCard.prototype.setLive = function (mode) {
+    this.liveEl.textContent = mode;
+    this.node.setAttribute("data-live", mode);
+  };
+
+  BatchCard.prototype.openStream = function () {
+    var self = this;
+    if (!window.EventSource) { this.startPolling(); return; }
+    var es = new EventSource(this.panel.base + "runs/" + this.run.id + "/events");
+    this.es = es;
+    var parse = function (e) { try { return JSON.parse(e.data); } catch (err) { return null; } };
+    es.addEventListener("open", function () { if (self.es === es) self.setLive("stream"); });
+    es.addEventListener("snapshot", function (e) { var d = parse(e); if (d && self.es === es) self.applyRun(d); });
+    es.addEventListener("items", function (e) {
+      var d = parse(e);
+      if (d && self.es === es) d.items.forEach(function (item) { self.applyItem(item); });
+      self.applyRun(self.run); // the missing count
+    });
+    es.addEventListener("item", function (e) { var d = parse(e); if (d && self.es === es) self.applyItem(d.item); });
+    es.addEventListener("status", function (e) {
+      var d = parse(e);
+      if (d && self.es === es && d.status) self.applyRun({ id: self.run.id, status: d.status });
+    });
+    es.addEventListener("progress", function (e) {
+      var d = parse(e);
+      if (d && self.es === es && d.counters) self.applyRun({ id: self.run.id, counters: Object.assign({}, self.run.counters, d.counters) });
+    });
+    es.onerror = function () {
+      if (self.es !== es || self.closed) return;
+      // The browser reconnects by itself (sending Last-Event-ID) unless the server refused.
+      if (es.readyState === EventSource.CLOSED) { self.es = null; self.startPolling(); }
+      else self.setLive("reconnecting");
+    };
+  };
+
+  /** No stream: read the items and the run every 2 s until it is over. */
+  BatchCard.prototype.startPolling = function () {
+    var self = this;
+    this.setLive("polling");
+    var tick = function () {
+      if (self.closed || isFinished(self.run)) return;
+      Promise.all([
+        self.loadThumbnails(null),
+        api(self.panel.base, "runs/" + self.run.id).then(function (run) { self.applyRun(run); }),
+      ]).then(null, function () {}).then(function () { self.pollTimer = setTimeout(tick, POLL_MS); });
+    };
+    tick();
+  };
+
+  /** Every item (pages of ITEM_PAGE) with its thumbnail, from GET runs/<id>/items. */
+  BatchCard.prototype.loadThumbnails = function (after) {
+    var self = this;
+    var query = "?limit=" + ITEM_PAGE + (after !== null ? "&after=" + after : "");
+    return api(this.panel.base, "runs/" + this.run.id + "/items" + query).then(function (page) {
+      page.items.forEach(function (item) {
+        if (item.thumbnail_url) self.thumbs[item.item_id] = item.thumbnail_url;
+        // The stream is the fresher source; a page only fills in items it has not sent.
+        if (!self.items[item.item_id] || !self.es) self.applyItem(item);
+        else self.setThumb(item.item_id);
+      });
+      if (page.next !== null && page.next !== undefined && !self.closed) return self.loadThumbnails(page.next);
+      return null;
+    }, function (err) { self.panel.showError("Could not load batch #" + self.run.id + ": " + err.message, true); });
+  };
+
+  BatchCard.prototype.tile = function (item) {
+    var self = this, id = item.item_id;
+    var tile = this.tiles[id];
+    if (tile) return tile;
+    tile = el("button", { type: "button", class: "tp-tile", role: "listitem", "data-testid": "batch-item-" + id,
+      "data-item-id": String(id) }, [
+      el("span", { class: "tp-tile-id", text: "#" + id }),
+      el("span", { class: "tp-tile-state" }),
+    ]);
+    tile.addEventListener("click", function () { self.select(id); });
+    // Keep submission order: insert before the first tile with a larger position.
+    var next = null, pos = item.position;
+    if (pos !== null && pos !== undefined) {
+      for (var i = 0; i < this.grid.children.length; i++) {
+        var other = Number(this.grid.children[i].getAttribute("data-position"));
+        if (other > pos) { next = this.grid.children[i]; break; }
+      }
+      tile.setAttribute("data-position", String(pos));
+    }
+    this.grid.insertBefore(tile, next);
+    this.tiles[id] = tile;
+    this.setThumb(id);
+    return tile;
+  };
+
+  BatchCard.prototype.setThumb = function (id) {
+    var tile = this.tiles[id], url = this.thumbs[id];
+    if (!tile || !url || tile.querySelector("img")) return;
+    tile.insertBefore(el("img", { src: url, alt: "", loading: "lazy" }), tile.firstChild);
+  };
+
+  function describeItem(item) {
+    var text = "#" + item.item_id + ": " + item.state;
+    if (item.attempts) text += " (" + item.attempts + " failed attempt" + (item.attempts > 1 ? "s" : "") + ")";
+    if (item.state === "pending" && item.next_attempt_at) text += ", next attempt " + fmtTime(item.next_attempt_at);
+    if (item.error) text += " — " + (item.error.stage ? item.error.stage + "/" : "") + item.error.code + ": " + item.error.message;
+    if (item.state === "missing") text += " — no such image (or deleted) when the batch was created";
+    if (item.seconds) text += " · " + item.seconds + " s";
+    return text;
+  }
+
+  BatchCard.prototype.applyItem = function (item) {
+    if (!item || item.item_id === undefined) return;
+    this.items[item.item_id] = item;
+    var tile = this.tile(item);
+    this.setThumb(item.item_id);
+    tile.setAttribute("data-state", item.state);
+    tile.setAttribute("data-code", item.error ? item.error.code : "");
+    tile.querySelector(".tp-tile-state").textContent = item.state;
+    tile.title = describeItem(item); // the error on hover
+    if (item.state === "succeeded" && !this.thumbs[item.item_id]) this.thumbsLater();
+    if (this.selected === item.item_id) this.showDetail(item);
+  };
+
+  BatchCard.prototype.select = function (id) {
+    var item = this.items[id];
+    if (this.selected !== null && this.tiles[this.selected]) this.tiles[this.selected].classList.remove("tp-selected");
+    if (this.selected === id) { this.selected = null; this.detailEl.hidden = true; return; }
+    this.selected = id;
+    this.tiles[id].classList.add("tp-selected");
+    if (item) this.showDetail(item);
+  };
+
+  BatchCard.prototype.showDetail = function (item) {
+    this.detailEl.hidden = false;
+    this.detailEl.setAttribute("data-item-id", String(item.item_id));
+    this.detailEl.textContent = describeItem(item);
+  };
+
+  /** Finish records and their callback deliveries, from GET runs/<id>. */
+  BatchCard.prototype.loadDeliveries = function () {
+    var self = this;
+    clearTimeout(this.deliveryTimer);
+    return api(this.panel.base, "runs/" + this.run.id).then(function (run) {
+      self.applyRun(run);
+      self.renderDeliveries(run);
+      var pending = (run.finishes || []).some(function (f) { return f.delivery.state === "pending"; });
+      if (pending && !self.closed) {
+        self.deliveryTimer = setTimeout(function () { self.loadDeliveries(); }, DELIVERY_REFRESH_MS);
+      }
+    }, function () {});
+  };
+
+  BatchCard.prototype.renderDeliveries = function (run) {
+    var box = this.deliveriesEl;
+    box.textContent = "";
+    var finishes = run.finishes || [];
+    if (!run.callback_url && !finishes.length) return;
+    box.appendChild(el("h4", { text: "Callback" + (run.callback_url ? ": " + run.callback_url : "") }));
+    if (!finishes.length) {
+      box.appendChild(el("p", { class: "tp-empty", text: "Called when the batch finishes." }));
+      return;
+    }
+    var body = el("tbody");
+    finishes.forEach(function (f) {
+      var d = f.delivery;
+      var last = d.last_status ? "HTTP " + d.last_status : (d.last_error || "—");
+      body.appendChild(el("tr", { "data-testid": "delivery-" + run.id + "-" + f.seq, "data-state": d.state }, [
+        el("td", { text: "#" + f.seq }),
+        el("td", null, [el("span", { class: "tp-status tp-status-" + f.status, text: f.status })]),
+        el("td", { text: fmtTime(f.at) }),
+        el("td", null, [el("code", { class: "tp-code", text: d.id })]),
+        el("td", { class: "tp-delivery-state", text: d.state }),
+        el("td", { text: fmtInt(d.attempts) }),
+        el("td", { class: "tp-msg", text: last }),
+        el("td", { text: d.state === "delivered" ? fmtTime(d.delivered_at) : fmtTime(d.next_attempt_at) }),
+      ]));
+    });
+    box.appendChild(el("table", { class: "tp-failed" }, [
+      el("thead", null, [el("tr", null, ["Finish", "Status", "At", "webhook-id", "Delivery", "Attempts", "Last answer",
+        "Delivered / next attempt"].map(function (h) { return el("th", { text: h }); }))]),
+      body,
+    ]));
+  };
+
+  // Kicks, when the page drives runs itself (no workers): one in flight per batch.
+  BatchCard.prototype.scheduleKick = function (delay) {
+    var self = this;
+    clearTimeout(this.kickTimer);
+    this.kickTimer = setTimeout(function () { self.kick(); }, delay);
+  };
+
+  BatchCard.prototype.kick = function () {
+    var self = this, startedAt = Date.now();
+    if (this.closed || !isActive(this.run) || this.run.status === "paused") {
+      if (!this.closed && isActive(this.run)) this.scheduleKick(KICK_EVERY_MS);
+      return;
+    }
+    api(this.panel.base, "runs/" + this.run.id + "/kick", "POST").then(
+      function (run) { self.applyRun(run); },
+      function () {}
+    ).then(function () {
+      if (!self.closed && isActive(self.run)) self.scheduleKick(Math.max(250, KICK_EVERY_MS - (Date.now() - startedAt)));
+    });
+  };
+
   // --- boot --------------------------------------------------------------------------
 
   var panels = [];
@@ -793,5 +1135,11 @@
     panel.init();
   });
   window.picsiteTaskPanels = panels; // for debugging from the console
-  window.addEventListener("pagehide", function () { panels.forEach(function (p) { p.stopFollowing(); }); });
+  window.addEventListener("pagehide", function () {
+    panels.forEach(function (p) {
+      p.stopFollowing();
+      clearInterval(p.discoverTimer);
+      Object.keys(p.batches).forEach(function (id) { p.batches[id].close(); });
+    });
+  });
 })();
