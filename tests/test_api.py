@@ -28,6 +28,7 @@ from api.models import ApiToken
 from api.push_sign import sign
 from gallery.models import Image
 from tasks.models import AdminTaskItem, AdminTaskRun, ItemState, RunStatus
+from tests.api_support import assert_api_error
 from tests.engine_support import make_images
 from tests.live_server import server_env
 from tests.variants_support import serve_set
@@ -83,16 +84,6 @@ def post_json(client: Client, path: str, body, **kwargs):
     return client.post(path, data=data, content_type="application/json", **kwargs)
 
 
-def assert_error(response, status: int, code: str | None = None, field: str | None = None) -> dict:
-    assert response.status_code == status, response.content
-    assert response["Content-Type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"code", "message", "details"}
-    if code is not None:
-        assert error["code"] == code, error
-    if field is not None:
-        assert error["details"]["field"] == field, error
-    return error
 
 
 def assert_run(body: dict) -> None:
@@ -139,7 +130,7 @@ def test_preview_count_parses_query_params(api):
     ],
 )
 def test_preview_count_rejects_bad_params(api, prefix, query, code, field):
-    assert_error(api.get(f"{prefix}/preview-count?{query}"), 400, code, field)
+    assert_api_error(api.get(f"{prefix}/preview-count?{query}"), 400, code, field)
 
 
 def test_create_list_detail(api, staff_user, settings):
@@ -207,7 +198,7 @@ def test_cancel_then_cancel_again_is_409(api):
     response = api.post(f"{META}/runs/{run['id']}/cancel")
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
-    assert_error(api.post(f"{META}/runs/{run['id']}/cancel"), 409, "invalid_transition")
+    assert_api_error(api.post(f"{META}/runs/{run['id']}/cancel"), 409, "invalid_transition")
 
 
 def test_failed_items_thumbnails_and_retry_failed(api, media_root):
@@ -242,7 +233,7 @@ def test_failed_items_thumbnails_and_retry_failed(api, media_root):
 def test_retry_failed_without_failures_is_409(api):
     make_images(1)
     run = post_json(api, f"{META}/runs", {"scope": {}}).json()
-    assert_error(api.post(f"{META}/runs/{run['id']}/retry-failed"), 409, "invalid_transition")
+    assert_api_error(api.post(f"{META}/runs/{run['id']}/retry-failed"), 409, "invalid_transition")
 
 
 def test_budget_route(api):
@@ -252,12 +243,12 @@ def test_budget_route(api):
     assert response.status_code == 200
     assert response.json()["budget"] == {"items": 1, "seconds": 2.5}
     assert post_json(api, f"{META}/runs/{run['id']}/budget", {"budget": {}}).json()["budget"] == {}
-    assert_error(post_json(api, f"{META}/runs/{run['id']}/budget", {}), 400, "invalid_body", "budget")
-    assert_error(post_json(api, f"{META}/runs/{run['id']}/budget", {"budget": 3}), 400, "invalid_body", "budget")
-    assert_error(
+    assert_api_error(post_json(api, f"{META}/runs/{run['id']}/budget", {}), 400, "invalid_body", "budget")
+    assert_api_error(post_json(api, f"{META}/runs/{run['id']}/budget", {"budget": 3}), 400, "invalid_body", "budget")
+    assert_api_error(
         post_json(api, f"{META}/runs/{run['id']}/budget", {"budget": {"items": -1}}), 400, "invalid_budget", "items"
     )
-    assert_error(
+    assert_api_error(
         post_json(api, f"{META}/runs/{run['id']}/budget", {"budget": {"coins": 1}}), 400, "invalid_budget", "coins"
     )
 
@@ -317,32 +308,32 @@ def test_tick_as_staff(api, media_root):
 )
 def test_create_rejects_bad_bodies(api, body, status, code, field):
     make_images(1)
-    assert_error(post_json(api, f"{META}/runs", body), status, code, field)
+    assert_api_error(post_json(api, f"{META}/runs", body), status, code, field)
     assert not AdminTaskRun.objects.exists()
 
 
 def test_oversized_body_is_413(api):
     body = json.dumps({"scope": {}, "pad": "x" * 70_000})
-    assert_error(post_json(api, f"{META}/runs", body), 413, "body_too_large")
+    assert_api_error(post_json(api, f"{META}/runs", body), 413, "body_too_large")
 
 
 def test_second_run_is_409(api):
     make_images(2)
     first = post_json(api, f"{META}/runs", {"scope": {}}).json()
-    error = assert_error(post_json(api, f"{META}/runs", {"scope": {}}), 409, "run_active")
+    error = assert_api_error(post_json(api, f"{META}/runs", {"scope": {}}), 409, "run_active")
     assert error["details"]["run_id"] == first["id"]
     # The other task is independent.
     assert post_json(api, f"{PRE}/runs", {"scope": {"force": True}}).status_code == 201
 
 
 def test_empty_scope_is_422(api):
-    assert_error(post_json(api, f"{META}/runs", {"scope": {}}), 422, "empty_scope")
+    assert_api_error(post_json(api, f"{META}/runs", {"scope": {}}), 422, "empty_scope")
 
 
 def test_storage_not_configured_is_422(api, settings):
     settings.PICSITE_VARIANT_STORAGE = "none"
     make_images(1)
-    assert_error(post_json(api, f"{PRE}/runs", {"scope": {}}), 422, "storage_not_configured")
+    assert_api_error(post_json(api, f"{PRE}/runs", {"scope": {}}), 422, "storage_not_configured")
     # metadata-refresh needs no variant storage
     assert post_json(api, f"{META}/runs", {"scope": {}}).status_code == 201
 
@@ -356,10 +347,10 @@ def test_unknown_and_cross_task_runs_are_404(api):
         f"{META}/runs/{meta_run['id'] + 1000}",
         f"{META}/runs/99999999999999999999999",
     ):
-        assert_error(api.get(path), 404, "run_not_found")
+        assert_api_error(api.get(path), 404, "run_not_found")
     for action in ("kick", "cancel", "retry-failed"):
-        assert_error(api.post(f"{PRE}/runs/{meta_run['id']}/{action}"), 404, "run_not_found")
-    assert_error(post_json(api, f"{PRE}/runs/{meta_run['id']}/budget", {"budget": {}}), 404, "run_not_found")
+        assert_api_error(api.post(f"{PRE}/runs/{meta_run['id']}/{action}"), 404, "run_not_found")
+    assert_api_error(post_json(api, f"{PRE}/runs/{meta_run['id']}/budget", {"budget": {}}), 404, "run_not_found")
     assert AdminTaskRun.objects.get(pk=meta_run["id"]).status == RunStatus.QUEUED
 
 
@@ -367,8 +358,8 @@ def test_unknown_and_cross_task_runs_are_404(api):
     "path", ["/api/v1/nope", "/api/v1/", "/api/v1", f"{META}/runs/abc", f"{META}/runs/1/explode", f"{META}/runs/"]
 )
 def test_unknown_api_routes_are_json_404(api, path):
-    assert_error(api.get(path), 404, "not_found")
-    assert_error(api.post(path), 404, "not_found")
+    assert_api_error(api.get(path), 404, "not_found")
+    assert_api_error(api.post(path), 404, "not_found")
 
 
 @pytest.mark.parametrize(
@@ -387,7 +378,7 @@ def test_unknown_api_routes_are_json_404(api, path):
 )
 def test_wrong_method_is_json_405(api, method, path, allow):
     response = getattr(api, method)(path)
-    assert_error(response, 405, "method_not_allowed")
+    assert_api_error(response, 405, "method_not_allowed")
     assert response["Allow"] == allow
 
 
@@ -409,16 +400,16 @@ ROUTES = [
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
 def test_anonymous_is_401(client, method, path):
-    assert_error(getattr(client, method)(path), 401)
+    assert_api_error(getattr(client, method)(path), 401)
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
 def test_non_staff_is_403(client, plain_user, method, path):
     client.force_login(plain_user)
-    assert_error(getattr(client, method)(path), 403, "forbidden")
+    assert_api_error(getattr(client, method)(path), 403, "forbidden")
     token = api_token_create(user=plain_user, name="x")[1]
     bearer = Client(headers={"authorization": f"Bearer {token}"})
-    assert_error(getattr(bearer, method)(path), 403, "forbidden")
+    assert_api_error(getattr(bearer, method)(path), 403, "forbidden")
 
 
 def test_session_post_needs_csrf(staff_user):
@@ -426,8 +417,8 @@ def test_session_post_needs_csrf(staff_user):
     browser = Client(enforce_csrf_checks=True)
     browser.force_login(staff_user)
     assert browser.get(f"{META}/runs").status_code == 200  # safe methods need no token
-    assert_error(post_json(browser, f"{META}/runs", {"scope": {}}), 403, "csrf_failed")
-    assert_error(browser.post(f"{META}/tick"), 403, "csrf_failed")
+    assert_api_error(post_json(browser, f"{META}/runs", {"scope": {}}), 403, "csrf_failed")
+    assert_api_error(browser.post(f"{META}/tick"), 403, "csrf_failed")
     assert not AdminTaskRun.objects.exists()
 
     csrf = "k" * 32
@@ -452,22 +443,22 @@ def test_bearer_token_needs_no_csrf_and_revocation_is_401(staff_user):
     assert token_row.last_used_at == first_use  # written at most once a minute
 
     api_token_revoke(token=token_row)
-    assert_error(bearer.get(f"{META}/runs"), 401, "not_authenticated")
+    assert_api_error(bearer.get(f"{META}/runs"), 401, "not_authenticated")
     for header in ("Bearer pst_not-a-token", "Bearer ", "Bearer"):
-        assert_error(Client(headers={"authorization": header}).get(f"{META}/runs"), 401)
+        assert_api_error(Client(headers={"authorization": header}).get(f"{META}/runs"), 401)
 
 
 def test_bad_bearer_token_does_not_fall_back_to_session(staff_user):
     browser = Client(headers={"authorization": "Bearer pst_wrong"})
     browser.force_login(staff_user)
-    assert_error(browser.get(f"{META}/runs"), 401)
+    assert_api_error(browser.get(f"{META}/runs"), 401)
 
 
 def test_inactive_user_token_is_401(staff_user):
     raw = api_token_create(user=staff_user, name="x")[1]
     staff_user.is_active = False
     staff_user.save()
-    assert_error(Client(headers={"authorization": f"Bearer {raw}"}).get(f"{META}/runs"), 401)
+    assert_api_error(Client(headers={"authorization": f"Bearer {raw}"}).get(f"{META}/runs"), 401)
 
 
 # --- push-signed tick ----------------------------------------------------------------------------
@@ -513,28 +504,28 @@ def test_signed_tick_with_either_secret(client, media_root, staff_user, secret):
 )
 def test_bad_signatures_are_401(client, kwargs, code):
     make_images(1)
-    assert_error(signed_tick(client, f"{META}/tick", **kwargs), 401, code)
+    assert_api_error(signed_tick(client, f"{META}/tick", **kwargs), 401, code)
 
 
 def test_signature_for_another_path_or_missing_parts_is_401(client):
     headers = sign(SECRET, "POST", f"{PRE}/tick", b"")
-    assert_error(client.post(f"{META}/tick", headers=headers), 401, "invalid_signature")
+    assert_api_error(client.post(f"{META}/tick", headers=headers), 401, "invalid_signature")
     headers = sign(SECRET, "POST", f"{META}/tick", b"")
     only_signature = {"X-Picsite-Signature": headers["X-Picsite-Signature"]}
-    assert_error(client.post(f"{META}/tick", headers=only_signature), 401, "invalid_signature")
+    assert_api_error(client.post(f"{META}/tick", headers=only_signature), 401, "invalid_signature")
     bad_timestamp = {**headers, "X-Picsite-Timestamp": "soon"}
-    assert_error(client.post(f"{META}/tick", headers=bad_timestamp), 401, "invalid_signature")
-    assert_error(client.post(f"{META}/tick"), 401, "not_authenticated")
+    assert_api_error(client.post(f"{META}/tick", headers=bad_timestamp), 401, "invalid_signature")
+    assert_api_error(client.post(f"{META}/tick"), 401, "not_authenticated")
 
 
 def test_signatures_disabled_without_secrets(client, settings):
     settings.PICSITE_PUSH_SECRET = settings.PICSITE_PUSH_SECRET_NEXT = ""
-    assert_error(signed_tick(client, f"{META}/tick", secret=""), 401, "invalid_signature")
+    assert_api_error(signed_tick(client, f"{META}/tick", secret=""), 401, "invalid_signature")
 
 
 def test_non_staff_with_bad_signature_is_401_and_staff_with_bad_signature_passes(client, plain_user, api):
     client.force_login(plain_user)
-    assert_error(signed_tick(client, f"{META}/tick", secret="wrong"), 401, "invalid_signature")
+    assert_api_error(signed_tick(client, f"{META}/tick", secret="wrong"), 401, "invalid_signature")
     headers = sign("wrong", "POST", f"{META}/tick", b"")
     response = api.post(f"{META}/tick", data=b"", content_type="application/json", headers=headers)
     assert response.status_code == 200
@@ -544,7 +535,7 @@ def test_signature_does_not_open_other_routes(client):
     make_images(1)
     path = f"{META}/runs"
     response = post_json(client, path, {"scope": {}}, headers=sign(SECRET, "POST", path, b'{"scope": {}}'))
-    assert_error(response, 401, "not_authenticated")
+    assert_api_error(response, 401, "not_authenticated")
 
 
 def test_duplicate_signed_delivery_is_harmless(media_root, staff_user, settings):
@@ -576,7 +567,7 @@ def test_duplicate_signed_delivery_is_harmless(media_root, staff_user, settings)
     assert results == [200, 200]
     # A third, late copy of one of them is refused; a fresh one finds nothing to do.
     late = Client().post(path, data=b"", content_type="application/json", headers=deliveries[0])
-    assert_error(late, 401, "replayed_signature")
+    assert_api_error(late, 401, "replayed_signature")
     fresh = Client().post(path, data=b"", content_type="application/json", headers=sign(SECRET, "POST", path, b"", ts=now + 1))
     assert fresh.json() == {"run": None}
 
@@ -646,7 +637,7 @@ def test_admin_creates_token_shown_once_and_revokes(client, django_user_model):
     )
     token.refresh_from_db()
     assert token.revoked_at is not None and token.revoked_at <= timezone.now()
-    assert_error(Client(headers={"authorization": f"Bearer {raw}"}).get(f"{META}/runs"), 401)
+    assert_api_error(Client(headers={"authorization": f"Bearer {raw}"}).get(f"{META}/runs"), 401)
 
 
 # --- schema ------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from api.auth import api_token_create
 from api.models import ApiToken
 from gallery.models import Image
 from tasks.models import AdminTaskRun
+from tests.api_support import assert_api_error
 from tests.conftest import CORPUS
 from tests.engine_support import make_images
 from tests.perms import grant
@@ -76,13 +77,6 @@ def post_json(client: Client, path: str, body) -> object:
     return client.post(path, data=json.dumps(body), content_type="application/json")
 
 
-def error_of(response, status: int, code: str) -> dict:
-    assert response.status_code == status, (response.status_code, response.content[:300])
-    assert response["Content-Type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"code", "message", "details"}
-    assert error["code"] == code, error
-    return error
 
 
 def upload(client: Client, name: str = "flower_exif_icc.webp"):
@@ -96,7 +90,7 @@ def upload(client: Client, name: str = "flower_exif_icc.webp"):
 def test_staff_without_permissions_cannot_start_a_force_run(staff_user_no_perms):
     make_images(2)
     for client in (session(staff_user_no_perms), bearer(token_for(staff_user_no_perms))):
-        error = error_of(post_json(client, f"{PRE}/runs", {"scope": {"force": True}}), 403, "permission_denied")
+        error = assert_api_error(post_json(client, f"{PRE}/runs", {"scope": {"force": True}}), 403, "permission_denied")
         assert error["details"] == {"permission": RUN_TASKS}
         assert RUN_TASKS in error["message"]
     assert not AdminTaskRun.objects.exists()
@@ -113,7 +107,7 @@ def test_staff_with_run_tasks_starts_a_force_run(staff_user_no_perms):
 @pytest.mark.parametrize(("method", "path", "permission"), TASK_ROUTES)
 def test_every_task_route_needs_its_permission(staff_user_no_perms, method, path, permission):
     for client in (session(staff_user_no_perms), bearer(token_for(staff_user_no_perms))):
-        error = error_of(getattr(client, method)(path), 403, "permission_denied")
+        error = assert_api_error(getattr(client, method)(path), 403, "permission_denied")
         assert error["details"] == {"permission": permission}
 
 
@@ -123,13 +117,13 @@ def test_view_permission_reads_but_cannot_control(staff_user_no_perms):
     client = session(staff_user_no_perms)
     assert client.get(f"{META}/runs").status_code == 200
     assert client.get(f"{META}/preview-count").json()["count"] == 1
-    error_of(post_json(client, f"{META}/runs", {"scope": {}}), 403, "permission_denied")
-    error_of(client.post(f"{META}/tick"), 403, "permission_denied")
+    assert_api_error(post_json(client, f"{META}/runs", {"scope": {}}), 403, "permission_denied")
+    assert_api_error(client.post(f"{META}/tick"), 403, "permission_denied")
 
 
 def test_upload_needs_add_image(staff_user_no_perms):
     for client in (session(staff_user_no_perms), bearer(token_for(staff_user_no_perms))):
-        error = error_of(upload(client), 403, "permission_denied")
+        error = assert_api_error(upload(client), 403, "permission_denied")
         assert error["details"] == {"permission": ADD_IMAGE}
     assert not Image.objects.exists()
     grant(staff_user_no_perms, ADD_IMAGE)
@@ -149,7 +143,7 @@ def test_superuser_needs_no_explicit_permission(django_user_model):
 def test_a_superuser_who_is_not_staff_is_still_refused(django_user_model):
     # The admin refuses such an account too: is_staff is required before any permission.
     user = django_user_model.objects.create_user("nostaff", password="pw-123456", is_superuser=True)
-    error_of(bearer(token_for(user)).get(f"{META}/runs"), 403, "forbidden")
+    assert_api_error(bearer(token_for(user)).get(f"{META}/runs"), 403, "forbidden")
 
 
 # --- token scopes and expiry -----------------------------------------------------------------
@@ -160,10 +154,10 @@ def test_read_only_token_can_get_but_not_post(staff_user):
     api = bearer(token_for(staff_user, scopes=["read"]))
     assert api.get(f"{META}/runs").status_code == 200
     assert api.get(f"{PRE}/preview-count").status_code == 200
-    error = error_of(post_json(api, f"{META}/runs", {"scope": {}}), 403, "insufficient_scope")
+    error = assert_api_error(post_json(api, f"{META}/runs", {"scope": {}}), 403, "insufficient_scope")
     assert error["details"] == {"required_scopes": ["write"], "token_scopes": ["read"]}
-    error_of(api.post(f"{META}/tick"), 403, "insufficient_scope")
-    error_of(upload(api), 403, "insufficient_scope")
+    assert_api_error(api.post(f"{META}/tick"), 403, "insufficient_scope")
+    assert_api_error(upload(api), 403, "insufficient_scope")
     assert not AdminTaskRun.objects.exists() and Image.objects.count() == 1  # only make_images' row
 
 
@@ -173,21 +167,21 @@ def test_write_only_token_cannot_read(staff_user):
     run = post_json(api, f"{META}/runs", {"scope": {}})
     assert run.status_code == 201
     assert api.post(f"{META}/runs/{run.json()['id']}/kick").status_code == 200
-    error_of(api.get(f"{META}/runs"), 403, "insufficient_scope")
-    error_of(api.get(f"{META}/runs/{run.json()['id']}/events"), 403, "insufficient_scope")
+    assert_api_error(api.get(f"{META}/runs"), 403, "insufficient_scope")
+    assert_api_error(api.get(f"{META}/runs/{run.json()['id']}/events"), 403, "insufficient_scope")
 
 
 def test_tick_scope_opens_only_the_tick_route(staff_user):
     make_images(1)
     api = bearer(token_for(staff_user, scopes=["tick"]))
     assert api.post(f"{META}/tick").json() == {"run": None}
-    error_of(api.get(f"{META}/runs"), 403, "insufficient_scope")
-    error = error_of(post_json(api, f"{META}/runs", {"scope": {}}), 403, "insufficient_scope")
+    assert_api_error(api.get(f"{META}/runs"), 403, "insufficient_scope")
+    error = assert_api_error(post_json(api, f"{META}/runs", {"scope": {}}), 403, "insufficient_scope")
     assert error["details"]["token_scopes"] == ["tick"]
     # A tick token still needs a user who may run tasks.
     staff_user.user_permissions.clear()
     grant(staff_user, VIEW_RUNS)
-    error_of(api.post(f"{META}/tick"), 403, "permission_denied")
+    assert_api_error(api.post(f"{META}/tick"), 403, "permission_denied")
 
 
 def test_default_token_reads_writes_and_ticks(staff_user):
@@ -200,8 +194,8 @@ def test_default_token_reads_writes_and_ticks(staff_user):
 
 def test_expired_token_is_401(staff_user):
     expired = token_for(staff_user, expires_at=timezone.now() - timedelta(seconds=1))
-    error_of(bearer(expired).get(f"{META}/runs"), 401, "token_expired")
-    error_of(upload(bearer(expired)), 401, "token_expired")
+    assert_api_error(bearer(expired).get(f"{META}/runs"), 401, "token_expired")
+    assert_api_error(upload(bearer(expired)), 401, "token_expired")
     valid = token_for(staff_user, expires_at=timezone.now() + timedelta(days=1))
     assert bearer(valid).get(f"{META}/runs").status_code == 200
 
@@ -230,7 +224,7 @@ def test_create_api_token_command_scopes_and_expiry(staff_user, capsys):
     assert token.scope_list == ["read", "tick"]
     assert before + timedelta(days=7) <= token.expires_at <= after + timedelta(days=7)
     assert bearer(raw).get(f"{META}/runs").status_code == 200
-    error_of(post_json(bearer(raw), f"{META}/runs", {"scope": {}}), 403, "insufficient_scope")
+    assert_api_error(post_json(bearer(raw), f"{META}/runs", {"scope": {}}), 403, "insufficient_scope")
 
     for bad in (["--scope", "admin"], ["--expires-in", "0"], ["--expires-in", "-3"]):
         with pytest.raises(CommandError):

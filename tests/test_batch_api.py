@@ -16,6 +16,7 @@ from api.auth import api_token_create
 from gallery.models import Image, VariantSet
 from tasks import engine
 from tasks.models import AdminTaskRun, AdminTaskRunFinish, RunStatus
+from tests.api_support import assert_api_error
 from tests.engine_support import TEST_BATCH_TASK_KEY, make_images, on_finish_calls_reset
 from tests.perms import grant
 from tests.test_batch_runs import SECRET, Receiver, drain
@@ -49,11 +50,6 @@ def post_json(client: Client, path: str, body):
     return client.post(path, data=json.dumps(body), content_type="application/json")
 
 
-def error_of(response, status: int, code: str) -> dict:
-    assert response.status_code == status, (response.status_code, response.content[:400])
-    error = response.json()["error"]
-    assert set(error) == {"code", "message", "details"} and error["code"] == code, error
-    return error
 
 
 def all_pages(api: Client, path: str, **query) -> list[dict]:
@@ -93,7 +89,7 @@ def test_a_callback_url_is_kept_on_the_run_and_a_private_one_refused(api, settin
     assert response.status_code == 201, response.content
     assert AdminTaskRun.objects.get(pk=response.json()["id"]).callback_url == "http://127.0.0.1:9/hook"
     settings.PICSITE_WEBHOOK_ALLOWED_HOSTS = []
-    error = error_of(
+    error = assert_api_error(
         post_json(api, f"{BATCH}/runs", {"scope": {"image_ids": [image.pk]}, "callback_url": "https://10.0.0.1/hook"}),
         400,
         "invalid_callback_url",
@@ -104,7 +100,7 @@ def test_a_callback_url_is_kept_on_the_run_and_a_private_one_refused(api, settin
 
 @pytest.mark.parametrize("prefix", [PRE, META, BATCH])
 def test_more_than_1000_ids_is_a_400_naming_the_limit(api, local_storage, prefix):
-    error = error_of(post_json(api, f"{prefix}/runs", {"scope": {"image_ids": list(range(1, 1002))}}), 400, "invalid_scope")
+    error = assert_api_error(post_json(api, f"{prefix}/runs", {"scope": {"image_ids": list(range(1, 1002))}}), 400, "invalid_scope")
     assert error["details"]["field"] == "image_ids"
     assert error["details"]["limit"] == 1000 and "1000" in error["message"]
     assert not AdminTaskRun.objects.exists()
@@ -119,7 +115,7 @@ def test_a_batch_over_unconfigured_variant_storage_is_422(api, settings):
     settings.PICSITE_VARIANT_STORAGE = "none"
     images = make_images(2)
     for scope in ({"image_ids": [i.pk for i in images]}, {}):  # a batch, and a library run as before
-        error_of(post_json(api, f"{PRE}/runs", {"scope": scope}), 422, "storage_not_configured")
+        assert_api_error(post_json(api, f"{PRE}/runs", {"scope": scope}), 422, "storage_not_configured")
     assert not AdminTaskRun.objects.exists()
 
 
@@ -196,15 +192,15 @@ def test_a_library_runs_items_are_its_failure_ledger(api):
 def test_bad_item_queries_are_400(api, query, field):
     (image,) = make_images(1)
     run = post_json(api, f"{BATCH}/runs", {"scope": {"image_ids": [image.pk]}}).json()
-    error = error_of(api.get(f"{BATCH}/runs/{run['id']}/items?{query}"), 400, "invalid_parameter")
+    error = assert_api_error(api.get(f"{BATCH}/runs/{run['id']}/items?{query}"), 400, "invalid_parameter")
     assert error["details"]["field"] == field
 
 
 def test_items_of_an_unknown_or_other_tasks_run_are_404(api):
     (image,) = make_images(1)
     run = post_json(api, f"{BATCH}/runs", {"scope": {"image_ids": [image.pk]}}).json()
-    error_of(api.get(f"{META}/runs/{run['id']}/items"), 404, "run_not_found")
-    error_of(api.get(f"{BATCH}/runs/999999/items"), 404, "run_not_found")
+    assert_api_error(api.get(f"{META}/runs/{run['id']}/items"), 404, "run_not_found")
+    assert_api_error(api.get(f"{BATCH}/runs/999999/items"), 404, "run_not_found")
 
 
 def test_run_detail_shows_finishes_and_their_callback_deliveries(api, settings):
@@ -273,7 +269,7 @@ def test_delete_image_soft_deletes_through_the_gallery_service(staff_user, local
     assert client.delete(f"/api/v1/images/{image.pk}").status_code == 204  # idempotent
     image.refresh_from_db()
     assert image.deleted_at == deleted_at
-    error = error_of(client.delete("/api/v1/images/987654321"), 404, "image_not_found")
+    error = assert_api_error(client.delete("/api/v1/images/987654321"), 404, "image_not_found")
     assert "987654321" in error["message"]
 
 
@@ -283,12 +279,12 @@ def test_delete_image_needs_the_admins_delete_permission_and_write_scope(staff_u
     session.force_login(staff_user_no_perms)
     read_only = Client(headers={"authorization": f"Bearer {api_token_create(user=staff_user_no_perms, name='r', scopes=['read'])[1]}"})
     writer = Client(headers={"authorization": f"Bearer {api_token_create(user=staff_user_no_perms, name='w')[1]}"})
-    error = error_of(writer.delete(f"/api/v1/images/{image.pk}"), 403, "permission_denied")
+    error = assert_api_error(writer.delete(f"/api/v1/images/{image.pk}"), 403, "permission_denied")
     assert error["details"] == {"permission": "gallery.delete_image"}
     grant(staff_user_no_perms, "gallery.delete_image")
-    error_of(read_only.delete(f"/api/v1/images/{image.pk}"), 403, "insufficient_scope")
-    error_of(session.delete(f"/api/v1/images/{image.pk}"), 403, "csrf_failed")  # a session needs the CSRF token
-    error_of(Client().delete(f"/api/v1/images/{image.pk}"), 401, "not_authenticated")
+    assert_api_error(read_only.delete(f"/api/v1/images/{image.pk}"), 403, "insufficient_scope")
+    assert_api_error(session.delete(f"/api/v1/images/{image.pk}"), 403, "csrf_failed")  # a session needs the CSRF token
+    assert_api_error(Client().delete(f"/api/v1/images/{image.pk}"), 401, "not_authenticated")
     assert Image.objects.get(pk=image.pk).deleted_at is None
     assert writer.delete(f"/api/v1/images/{image.pk}").status_code == 204
     assert Image.objects.get(pk=image.pk).deleted_at is not None

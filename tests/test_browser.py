@@ -16,7 +16,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -348,9 +348,8 @@ def _session_for(user) -> str:
     return session.session_key
 
 
-@pytest.fixture
-def kick_site(transactional_db, tmp_path, settings, monkeypatch):
-    """uvicorn only (no workers), with the page driving the kicks, as on a bare host."""
+def _uvicorn_only_site(tmp_path, settings, monkeypatch, *, page_drives_kicks: bool) -> Iterator:
+    """uvicorn and no workers, two tiers (320, 640) in local storage."""
     _require_chromium()
     monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
     media = tmp_path / "media"
@@ -365,12 +364,21 @@ def kick_site(transactional_db, tmp_path, settings, monkeypatch):
         variant_root=variants,
         log_dir=tmp_path / "logs",
         workers=False,
-        extra_env={"PICSITE_ADMIN_PAGE_DRIVES_KICKS": "true", "PICSITE_VARIANT_WIDTHS": "320,640"},
+        extra_env={
+            "PICSITE_ADMIN_PAGE_DRIVES_KICKS": "true" if page_drives_kicks else "false",
+            "PICSITE_VARIANT_WIDTHS": "320,640",
+        },
     )
     try:
         yield live
     finally:
         live.stop()
+
+
+@pytest.fixture
+def kick_site(transactional_db, tmp_path, settings, monkeypatch):
+    """uvicorn only (no workers), with the page driving the kicks, as on a bare host."""
+    yield from _uvicorn_only_site(tmp_path, settings, monkeypatch, page_drives_kicks=True)
 
 
 def test_page_drives_kicks_without_a_worker(kick_site, shot, django_user_model):
@@ -518,26 +526,7 @@ def test_a_new_upload_replaces_its_placeholder_without_a_reload(site, browser, s
 @pytest.fixture
 def quiet_site(transactional_db, tmp_path, settings, monkeypatch):
     """uvicorn only: no workers and no page kicks, so the test decides when items move."""
-    _require_chromium()
-    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
-    media = tmp_path / "media"
-    variants = media / "v"
-    settings.MEDIA_ROOT = media
-    settings.PICSITE_VARIANT_STORAGE = "local"
-    settings.PICSITE_VARIANT_LOCAL_ROOT = variants
-    settings.PICSITE_VARIANT_WIDTHS = [320, 640]
-    live = start_site(
-        db_name=connection.settings_dict["NAME"],
-        media_root=media,
-        variant_root=variants,
-        log_dir=tmp_path / "logs",
-        workers=False,
-        extra_env={"PICSITE_ADMIN_PAGE_DRIVES_KICKS": "false", "PICSITE_VARIANT_WIDTHS": "320,640"},
-    )
-    try:
-        yield live
-    finally:
-        live.stop()
+    yield from _uvicorn_only_site(tmp_path, settings, monkeypatch, page_drives_kicks=False)
 
 
 def test_batch_runs_show_a_live_item_grid_with_errors_and_deliveries(quiet_site, shot, django_user_model, settings):

@@ -17,6 +17,7 @@ from api import push_sign
 from api.auth import api_token_create
 from api.models import PushSignatureUse
 from api.push_sign import sign
+from tests.api_support import assert_api_error
 from tests.live_server import live_uvicorn
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -32,12 +33,6 @@ def push_settings(settings):
     settings.PICSITE_PUSH_TICK_BUDGET_S = 5
 
 
-def assert_error(response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.content
-    assert response["Content-Type"] == "application/json"
-    error = response.json()["error"]
-    assert error["code"] == code and error["message"] and "details" in error
-    return error
 
 
 def now_ts() -> str:
@@ -74,7 +69,7 @@ JUNK = {
 @pytest.mark.parametrize("junk", list(JUNK), ids=list(JUNK))
 def test_junk_signature_headers_are_401_json(junk):
     response = Client().post(TICK, data=b"", content_type="application/json", headers=JUNK[junk]())
-    assert_error(response, 401, "invalid_signature")
+    assert_api_error(response, 401, "invalid_signature")
     assert PushSignatureUse.objects.count() == 0  # nothing is remembered for a refused signature
 
 
@@ -122,13 +117,13 @@ def test_the_same_signed_request_twice_is_refused_the_second_time(staff_user):
     headers, first = signed_tick()
     assert first.status_code == 200, first.content
     again = Client().post(TICK, data=b"", content_type="application/json", headers=headers)
-    assert_error(again, 401, "replayed_signature")
+    assert_api_error(again, 401, "replayed_signature")
     # A staff token beside it does not make the replay acceptable either.
     token = api_token_create(user=staff_user, name="staff")[1]
     with_token = Client().post(
         TICK, data=b"", content_type="application/json", headers={**headers, "Authorization": f"Bearer {token}"}
     )
-    assert_error(with_token, 401, "replayed_signature")
+    assert_api_error(with_token, 401, "replayed_signature")
     assert PushSignatureUse.objects.count() == 1
 
 

@@ -9,6 +9,7 @@ import pytest
 from django.test import Client
 
 from api.auth import api_token_create
+from tests.api_support import assert_api_error
 from tests.qstash_server import mint_signature
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -29,12 +30,6 @@ def qstash_settings(settings):
     settings.PICSITE_PUSH_TICK_BUDGET_S = 2
 
 
-def assert_error(response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.content
-    assert response["Content-Type"] == "application/json"
-    error = response.json()["error"]
-    assert error["code"] == code and error["message"] and "details" in error
-    return error
 
 
 def post(signature: str, *, body: bytes = BODY, path: str = TICK, **headers: str):
@@ -55,16 +50,16 @@ def test_next_key_alone_configured_still_verifies(settings):
     settings.QSTASH_CURRENT_SIGNING_KEY = ""
     assert post(mint_signature(NEXT, url=PUBLIC + TICK, body=BODY)).status_code == 200
     # The unset current key verifies nothing (not even what it signed before it was cleared).
-    assert_error(post(mint_signature(CURRENT, url=PUBLIC + TICK, body=BODY)), 401, "invalid_signature")
+    assert_api_error(post(mint_signature(CURRENT, url=PUBLIC + TICK, body=BODY)), 401, "invalid_signature")
 
 
 def test_wrong_key_is_refused():
-    assert_error(post(mint_signature(WRONG, url=PUBLIC + TICK, body=BODY)), 401, "invalid_signature")
+    assert_api_error(post(mint_signature(WRONG, url=PUBLIC + TICK, body=BODY)), 401, "invalid_signature")
 
 
 def test_expired_signature_is_refused():
     old = time.time() - 3600
-    assert_error(post(mint_signature(CURRENT, url=PUBLIC + TICK, body=BODY, now=old)), 401, "invalid_signature")
+    assert_api_error(post(mint_signature(CURRENT, url=PUBLIC + TICK, body=BODY, now=old)), 401, "invalid_signature")
     # Issued four minutes ago it still passes (so the refusal above is the expiry, not the key).
     recent = time.time() - 240
     assert post(mint_signature(CURRENT, url=PUBLIC + TICK, body=BODY, now=recent)).status_code == 200
@@ -72,29 +67,29 @@ def test_expired_signature_is_refused():
 
 def test_changed_body_is_refused():
     signature = mint_signature(CURRENT, url=PUBLIC + TICK, body=BODY)
-    assert_error(post(signature, body=b'{"from": "mallory"}'), 401, "invalid_signature")
+    assert_api_error(post(signature, body=b'{"from": "mallory"}'), 401, "invalid_signature")
 
 
 def test_changed_url_is_refused():
     other_path = mint_signature(CURRENT, url=PUBLIC + "/api/v1/preprocess-tasks/tick", body=BODY)
-    assert_error(post(other_path), 401, "invalid_signature")
+    assert_api_error(post(other_path), 401, "invalid_signature")
     other_host = mint_signature(CURRENT, url="https://evil.example" + TICK, body=BODY)
-    assert_error(post(other_host), 401, "invalid_signature")
+    assert_api_error(post(other_host), 401, "invalid_signature")
 
 
 def test_the_url_comes_from_the_setting_not_the_host_header():
     # Signed for the request's own Host: refused, because the site's URL is PICSITE_PUBLIC_URL.
     by_host = mint_signature(CURRENT, url="http://testserver" + TICK, body=BODY)
-    assert_error(post(by_host), 401, "invalid_signature")
+    assert_api_error(post(by_host), 401, "invalid_signature")
 
 
 def test_no_public_url_or_no_keys_refuses_everything(settings):
     signature = mint_signature(CURRENT, url=PUBLIC + TICK, body=BODY)
     settings.PICSITE_PUBLIC_URL = ""
-    assert_error(post(signature), 401, "invalid_signature")
+    assert_api_error(post(signature), 401, "invalid_signature")
     settings.PICSITE_PUBLIC_URL = PUBLIC
     settings.QSTASH_CURRENT_SIGNING_KEY = settings.QSTASH_NEXT_SIGNING_KEY = ""
-    assert_error(post(signature), 401, "invalid_signature")
+    assert_api_error(post(signature), 401, "invalid_signature")
 
 
 def _no_body_claim() -> str:
@@ -120,13 +115,13 @@ JUNK = {
 
 @pytest.mark.parametrize("junk", list(JUNK), ids=list(JUNK))
 def test_junk_upstash_signature_is_401_json(junk):
-    assert_error(post(JUNK[junk]()), 401, "invalid_signature")
+    assert_api_error(post(JUNK[junk]()), 401, "invalid_signature")
 
 
 def test_a_bad_signature_is_not_rescued_by_a_token(staff_user):
     token = api_token_create(user=staff_user, name="ops")[1]
     bad = mint_signature(WRONG, url=PUBLIC + TICK, body=BODY)
-    assert_error(post(bad, Authorization=f"Bearer {token}"), 401, "invalid_signature")
+    assert_api_error(post(bad, Authorization=f"Bearer {token}"), 401, "invalid_signature")
 
 
 def test_vercel_cron_get_with_the_secret_ticks():
@@ -141,14 +136,14 @@ def test_vercel_cron_get_with_the_secret_ticks():
 )
 def test_cron_get_refuses_anything_but_the_secret(authorization):
     headers = {"Authorization": authorization} if authorization else {}
-    assert_error(Client().get(TICK, headers=headers), 401, "not_authenticated")
+    assert_api_error(Client().get(TICK, headers=headers), 401, "not_authenticated")
 
 
 def test_cron_get_is_not_a_token_route(staff_user, settings):
     token = api_token_create(user=staff_user, name="ops")[1]
-    assert_error(Client().get(TICK, headers={"Authorization": f"Bearer {token}"}), 401, "not_authenticated")
+    assert_api_error(Client().get(TICK, headers={"Authorization": f"Bearer {token}"}), 401, "not_authenticated")
     settings.CRON_SECRET = ""  # unset: GET is refused whatever is sent
-    assert_error(Client().get(TICK, headers={"Authorization": "Bearer "}), 401, "not_authenticated")
+    assert_api_error(Client().get(TICK, headers={"Authorization": "Bearer "}), 401, "not_authenticated")
 
 
 def test_post_tick_still_takes_tokens(staff_user):
