@@ -270,7 +270,10 @@ def test_keyboard_interrupt_cancels_the_run(monkeypatch):
 
 
 CTRL_C_SCRIPT = """
-import os, sys
+import os, signal, sys
+# As in a terminal: a shell that starts a job in the background (CI harnesses do) makes it
+# ignore SIGINT, and the child would inherit that and never see the Ctrl-C.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "picsite.settings")
 import django
 django.setup()
