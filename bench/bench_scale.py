@@ -290,8 +290,12 @@ def runs_work() -> int:
                 return {name: getattr(run, name) for name in fields} | {"progress": engine.progress(run)}
 
             return {"active": one(active) if active else None, "recent": [one(r) for r in recent]}
-    body = json.dumps(run_list_to_dict(active=listing["active"], recent=listing["recent"]), default=str)
-    count = len(listing["recent"]) + (1 if listing["active"] is not None else 0)
+    if "active_runs" in listing:  # every active run (batches too), as GET runs lists them
+        body = json.dumps(run_list_to_dict(active=listing["active_runs"], recent=listing["recent"]), default=str)
+        count = len(listing["recent"]) + len(listing["active_runs"])
+    else:
+        body = json.dumps(run_list_to_dict(active=listing["active"], recent=listing["recent"]), default=str)
+        count = len(listing["recent"]) + (1 if listing["active"] is not None else 0)
     if count != 11:
         raise RuntimeError(f"expected 11 runs serialized, got {count}")
     return len(body)
